@@ -1,0 +1,1 @@
+"""What two stages or more share: artifacts, datasets, networks, CAM, metrics, training."""

@@ -1,0 +1,688 @@
+"""The HDF5 artifact contract (docs/artifacts.md): provenance, atomic writing, resume and refusals.
+
+Every artifact is one ``.h5`` file whose root attributes say what it is (``wsss_kind``), who made it
+(``wsss_stage``, ``wsss_version``), from what (``config``, ``inputs``, ``dataset``) and under which identity
+(``fingerprint``). A stage writes ``NAME.h5.partial``, marks it ``complete`` last and renames it, so a file
+named ``NAME.h5`` is either whole or absent. Per-image records carry a ``done`` attribute set after their
+datasets, so a partial file killed mid-image resumes from the last whole image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from stages import __version__
+from stages.common.errors import ArtifactError
+
+KINDS = ("model", "scores", "labels", "metrics")
+# Bumped when the layout changes in a way old readers cannot follow.
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_COMPRESSION = "lzf"  # fast enough to write at CAM speed; gzip saves ~20% more but costs ~5x the time
+
+
+def fingerprint_of(value: Any) -> str:
+    """A short, stable hash of any JSON-able value (dict keys sorted)."""
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+@dataclass
+class Provenance:
+    """What an artifact is and where it came from; its fingerprint is its identity for resuming."""
+
+    kind: str
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown artifact kind {self.kind!r}; one of {KINDS}")
+
+    @property
+    def fingerprint(self) -> str:
+        inputs = {role: ref.get("fingerprint") for role, ref in self.inputs.items()}
+        return fingerprint_of(
+            {
+                "kind": self.kind,
+                "stage": self.stage,
+                "config": self.config,
+                "inputs": inputs,
+                "dataset": self.dataset.get("fingerprint"),
+                "format": FORMAT_VERSION,
+            }
+        )
+
+    def write_attrs(self, attrs: h5py.AttributeManager) -> None:
+        attrs["wsss_kind"] = self.kind
+        attrs["wsss_stage"] = self.stage
+        attrs["wsss_version"] = __version__
+        attrs["wsss_format"] = FORMAT_VERSION
+        attrs["config"] = json.dumps(self.config, sort_keys=True, default=str)
+        attrs["inputs"] = json.dumps(self.inputs, sort_keys=True)
+        attrs["dataset"] = json.dumps(self.dataset, sort_keys=True, default=str)
+        attrs["fingerprint"] = self.fingerprint
+
+    @classmethod
+    def read_attrs(cls, attrs: h5py.AttributeManager, path: Path) -> Provenance:
+        try:
+            return cls(
+                kind=str(attrs["wsss_kind"]),
+                stage=str(attrs["wsss_stage"]),
+                config=json.loads(attrs["config"]),
+                inputs=json.loads(attrs["inputs"]),
+                dataset=json.loads(attrs["dataset"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ArtifactError(
+                f"{path}: not a wsss artifact (missing or unreadable attribute: {exc}); "
+                "make it with a wsss stage"
+            ) from exc
+
+    def ref(self, path: Path) -> dict[str, str]:
+        """How another artifact records this one among its inputs."""
+        return {"path": str(path), "fingerprint": self.fingerprint}
+
+
+def describe_difference(old: Provenance, new: Provenance) -> str:
+    """Name what changed between two provenances, in the user's words (first few differences)."""
+    diffs: list[str] = []
+    for key in sorted(set(old.config) | set(new.config)):
+        if old.config.get(key) != new.config.get(key):
+            diffs.append(f"--{key.replace('_', '-')} {old.config.get(key)!r} -> {new.config.get(key)!r}")
+    for role in sorted(set(old.inputs) | set(new.inputs)):
+        a, b = old.inputs.get(role, {}), new.inputs.get(role, {})
+        if a.get("fingerprint") != b.get("fingerprint"):
+            diffs.append(f"input {role} changed ({b.get('path', a.get('path'))})")
+    if old.dataset.get("fingerprint") != new.dataset.get("fingerprint"):
+        diffs.append(
+            f"dataset {old.dataset.get('name')}:{old.dataset.get('split')} -> "
+            f"{new.dataset.get('name')}:{new.dataset.get('split')}"
+        )
+    if old.kind != new.kind or old.stage != new.stage:
+        diffs.append(f"made by {old.stage} ({old.kind}), not {new.stage} ({new.kind})")
+    if not diffs:
+        diffs.append("format version")
+    more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+    return ", ".join(diffs[:4]) + more
+
+
+def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: not found; run the stage that makes it first") from exc
+    except PermissionError as exc:
+        raise ArtifactError(f"{path}: permission denied; check the run directory's permissions") from exc
+    except OSError as exc:
+        raise ArtifactError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt); delete it and rerun the stage "
+            "that makes it"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class Artifact:
+    """A complete artifact opened for reading. Use as a context manager.
+
+    Scores are returned as float32 ``(K, h, w)`` at ``stride`` with the ``classes`` of their channels
+    (0 = background when present); labels as uint8 ``(H, W)`` (255 = ignore).
+    """
+
+    def __init__(self, path: Path, h5: h5py.File, provenance: Provenance) -> None:
+        self.path = path
+        self.h5 = h5
+        self.provenance = provenance
+
+    # provenance shortcuts
+    @property
+    def kind(self) -> str:
+        return self.provenance.kind
+
+    @property
+    def stage(self) -> str:
+        return self.provenance.stage
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.provenance.config
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return self.provenance.dataset
+
+    @property
+    def fingerprint(self) -> str:
+        return self.provenance.fingerprint
+
+    def ref(self) -> dict[str, str]:
+        return self.provenance.ref(self.path)
+
+    def __enter__(self) -> Artifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.h5.id.valid:
+            self.h5.close()
+
+    def ids(self) -> list[str]:
+        images = self.h5.get("images")
+        return sorted(images.keys()) if images is not None else []
+
+    def __contains__(self, image_id: str) -> bool:
+        return f"images/{image_id}" in self.h5
+
+    def __len__(self) -> int:
+        images = self.h5.get("images")
+        return len(images) if images is not None else 0
+
+    def _group(self, image_id: str) -> h5py.Group:
+        group = self.h5.get(f"images/{image_id}")
+        if group is None:
+            raise ArtifactError(
+                f"{self.path}: has no record for image {image_id!r}; it was made for other images "
+                "(rerun its stage on this split)"
+            )
+        return group
+
+    def scores(self, image_id: str) -> tuple[np.ndarray, tuple[int, ...], int]:
+        """``(scores float32 (K, h, w), classes, stride)`` of one image."""
+        dset = self._group(image_id).get("scores")
+        if dset is None:
+            raise ArtifactError(f"{self.path}: image {image_id!r} has no scores; this is a {self.kind} artifact")
+        try:
+            values = dset[()].astype(np.float32)
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot read scores of {image_id!r} (corrupt file)") from exc
+        if not np.all(np.isfinite(values)):
+            raise ArtifactError(
+                f"{self.path}: scores of image {image_id!r} hold NaN or Inf; rerun the stage with --force"
+            )
+        classes = tuple(int(c) for c in dset.attrs["classes"])
+        return values, classes, int(dset.attrs["stride"])
+
+    def scores_full(self, image_id: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Scores upsampled (bilinear) to the image size ``(H, W)``: float32 ``(K, H, W)``."""
+        values, classes, stride = self.scores(image_id)
+        return upsample_scores(values, size), classes
+
+    def labels(self, image_id: str) -> np.ndarray:
+        dset = self._group(image_id).get("labels")
+        if dset is None:
+            raise ArtifactError(f"{self.path}: image {image_id!r} has no labels; this is a {self.kind} artifact")
+        try:
+            return dset[()].astype(np.uint8)
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot read labels of {image_id!r} (corrupt file)") from exc
+
+    def extra(self, image_id: str, name: str) -> np.ndarray:
+        dset = self._group(image_id).get(name)
+        if dset is None:
+            raise ArtifactError(f"{self.path}: image {image_id!r} has no {name!r} record")
+        return dset[()]
+
+    def meta(self, name: str, default: Any = None) -> Any:
+        """A JSON root attribute a stage added (e.g. mine-ae's per-round table)."""
+        raw = self.h5.attrs.get(f"meta_{name}")
+        return default if raw is None else json.loads(raw)
+
+    def metas(self) -> dict[str, Any]:
+        return {k[5:]: json.loads(v) for k, v in self.h5.attrs.items() if k.startswith("meta_")}
+
+
+def upsample_scores(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``(K, h, w)`` score maps to ``size`` (align_corners=False, as CAM was made)."""
+    import torch
+    import torch.nn.functional as F
+
+    if values.shape[1:] == tuple(size):
+        return values.astype(np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def check_dataset(path: Path, recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Refuse an artifact made for another dataset or class list."""
+    if list(recorded.get("class_names", [])) != list(expected.get("class_names", [])):
+        raise ArtifactError(
+            f"{path}: made for classes {recorded.get('class_names')} but this dataset has "
+            f"{expected.get('class_names')}; rerun its stage on this dataset or pass the right --run"
+        )
+    if recorded.get("name") != expected.get("name"):
+        raise ArtifactError(
+            f"{path}: made for dataset {recorded.get('name')!r} ({recorded.get('root')}), not "
+            f"{expected.get('name')!r} ({expected.get('root')}); use the run directory of this dataset"
+        )
+
+
+def open_artifact(
+    path: Path | str,
+    kind: str | tuple[str, ...] | None = None,
+    dataset: Mapping[str, Any] | None = None,
+) -> Artifact:
+    """Open a complete artifact, refusing partial, corrupt, foreign or wrongly-kinded files.
+
+    ``dataset`` is a dataset description (``Dataset.describe(split)``); when given, the artifact must have
+    been made for the same dataset and class list.
+    """
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise ArtifactError(
+            f"{path}: a partial artifact (its stage was interrupted); rerun that stage to finish it"
+        )
+    if not path.exists():
+        if partial_path(path).exists():
+            raise ArtifactError(
+                f"{path}: not finished (only {partial_path(path).name} exists); rerun its stage to resume it"
+            )
+        raise ArtifactError(f"{path}: not found; run the stage that makes it first")
+    h5 = _open_h5(path)
+    try:
+        if "wsss_kind" not in h5.attrs:
+            raise ArtifactError(f"{path}: not a wsss artifact (no wsss_kind attribute)")
+        fmt = int(h5.attrs.get("wsss_format", 0))
+        if fmt != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: artifact format {fmt}, this wsss reads format {FORMAT_VERSION}; "
+                "rerun its stage with --force to rewrite it"
+            )
+        provenance = Provenance.read_attrs(h5.attrs, path)
+        if not bool(h5.attrs.get("complete", False)):
+            raise ArtifactError(f"{path}: incomplete artifact (its stage did not finish); rerun that stage")
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if kinds is not None and provenance.kind not in kinds:
+            raise ArtifactError(
+                f"{path}: a {provenance.kind} artifact from {provenance.stage}, but a "
+                f"{' or '.join(kinds)} artifact is needed here; pass the right file"
+            )
+        if dataset is not None:
+            check_dataset(path, provenance.dataset, dataset)
+    except BaseException:
+        h5.close()
+        raise
+    return Artifact(path, h5, provenance)
+
+
+def read_provenance(path: Path) -> tuple[Provenance, bool]:
+    """Provenance and completeness of any artifact file, partial ones included (for ``wsss info``)."""
+    with _open_h5(path) as h5:
+        provenance = Provenance.read_attrs(h5.attrs, path)
+        return provenance, bool(h5.attrs.get("complete", False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing per-image artifacts
+
+
+class ArtifactWriter:
+    """Writes per-image records into ``NAME.h5.partial``; ``finish()`` marks it complete and renames it.
+
+    Records already in the partial file (from a killed run with the same fingerprint) are kept:
+    ``done(image_id)`` tells the stage to skip them.
+    """
+
+    def __init__(self, path: Path, provenance: Provenance, h5: h5py.File, resumed: int) -> None:
+        self.path = path
+        self.partial = partial_path(path)
+        self.provenance = provenance
+        self.h5 = h5
+        self.resumed = resumed
+        self._since_flush = 0
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On error the partial file stays on disk, closed cleanly, ready to resume.
+        self.close()
+
+    def close(self) -> None:
+        if self.h5.id.valid:
+            self.h5.close()
+
+    def done(self, image_id: str) -> bool:
+        group = self.h5.get(f"images/{image_id}")
+        return group is not None and bool(group.attrs.get("done", False))
+
+    def done_ids(self) -> list[str]:
+        images = self.h5.get("images")
+        if images is None:
+            return []
+        return [k for k in images if bool(images[k].attrs.get("done", False))]
+
+    def write_image(
+        self,
+        image_id: str,
+        *,
+        scores: np.ndarray | None = None,
+        classes: tuple[int, ...] | list[int] | None = None,
+        stride: int | None = None,
+        labels: np.ndarray | None = None,
+        extra: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Write one image's record (replacing an unfinished one) and mark it done."""
+        if "/" in image_id:
+            raise ArtifactError(f"{self.partial}: image id {image_id!r} contains '/', which HDF5 cannot name")
+        images = self.h5.require_group("images")
+        if image_id in images:
+            del images[image_id]
+        group = images.create_group(image_id)
+        if scores is not None:
+            if classes is None or stride is None:
+                raise ValueError("scores need their classes and stride")
+            scores = np.asarray(scores)
+            if scores.ndim != 3 or scores.shape[0] != len(classes):
+                raise ValueError(f"scores of {image_id} have shape {scores.shape} for classes {list(classes)}")
+            if not np.all(np.isfinite(scores)):
+                raise ArtifactError(
+                    f"{self.partial}: the scores computed for image {image_id!r} hold NaN or Inf; "
+                    "the model diverged: retrain it (lower --lr) and rerun with --force"
+                )
+            dset = self._dataset(group, "scores", scores.astype(np.float16))
+            dset.attrs["classes"] = np.asarray(list(classes), dtype=np.int32)
+            dset.attrs["stride"] = int(stride)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 2:
+                raise ValueError(f"labels of {image_id} must be (H, W), got {labels.shape}")
+            self._dataset(group, "labels", labels.astype(np.uint8))
+        for name, value in (extra or {}).items():
+            self._dataset(group, name, np.asarray(value))
+        group.attrs["done"] = True
+        self._since_flush += 1
+        if self._since_flush >= 8:
+            self.flush()
+
+    @staticmethod
+    def _dataset(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
+        if value.ndim == 0 or value.size < 64:
+            return group.create_dataset(name, data=value)
+        return group.create_dataset(name, data=value, chunks=True, compression=_COMPRESSION)
+
+    def set_meta(self, name: str, value: Any) -> None:
+        """A JSON root attribute readers get back with ``Artifact.meta(name)``."""
+        self.h5.attrs[f"meta_{name}"] = json.dumps(value, sort_keys=True, default=str)
+
+    def get_meta(self, name: str, default: Any = None) -> Any:
+        raw = self.h5.attrs.get(f"meta_{name}")
+        return default if raw is None else json.loads(raw)
+
+    def flush(self) -> None:
+        self.h5.flush()
+        self._since_flush = 0
+
+    def finish(self) -> Path:
+        """Mark complete, close, fsync and atomically rename the partial file to its final name."""
+        self.h5.attrs["complete"] = True
+        self.h5.close()
+        _fsync(self.partial)
+        os.replace(self.partial, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+
+
+@dataclass
+class WriteStatus:
+    """What ``begin`` found: an up-to-date artifact (``writer`` is None) or a writer to fill."""
+
+    writer: ArtifactWriter | None
+    up_to_date: bool
+    resumed: int = 0
+    note: str = ""
+
+
+def _existing_fingerprint(path: Path) -> tuple[Provenance, bool] | None:
+    try:
+        return read_provenance(path)
+    except ArtifactError:
+        return None
+
+
+def begin(path: Path, provenance: Provenance, *, force: bool = False) -> WriteStatus:
+    """Decide what to do about ``path`` and open a writer when there is work.
+
+    - ``path`` complete with the same fingerprint: up to date, nothing to write (``force`` recomputes);
+    - ``path.partial`` with the same fingerprint: resume it;
+    - a different fingerprint: refuse, naming what differs, unless ``force``.
+    A previous complete artifact is never deleted before the new one is finished: the final rename
+    replaces it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    if path.exists() and not force:
+        found = _existing_fingerprint(path)
+        if found is None:
+            raise ArtifactError(
+                f"{path}: exists but is not a readable wsss artifact; delete it or rerun with --force"
+            )
+        old, complete = found
+        if old.fingerprint != provenance.fingerprint:
+            raise ArtifactError(
+                f"{path}: made with other settings ({describe_difference(old, provenance)}); rerun with "
+                "--force to replace it, or use another --run"
+            )
+        if complete:
+            return WriteStatus(None, up_to_date=True, note=f"{path.name} is up to date")
+    note = ""
+    if partial.exists():
+        found = _existing_fingerprint(partial)
+        if found is not None and found[0].fingerprint == provenance.fingerprint:
+            h5 = _open_h5(partial, "a")
+            writer = ArtifactWriter(path, provenance, h5, resumed=0)
+            _drop_unfinished(h5)
+            writer.resumed = len(writer.done_ids())
+            return WriteStatus(writer, up_to_date=False, resumed=writer.resumed,
+                               note=f"resuming {partial.name}: {writer.resumed} images already done")
+        if found is not None and not force:
+            raise ArtifactError(
+                f"{partial}: an interrupted run with other settings "
+                f"({describe_difference(found[0], provenance)}); rerun with --force to discard it"
+            )
+        note = f"discarded unreadable {partial.name}" if found is None else f"discarded {partial.name}"
+        partial.unlink()
+    h5 = _open_h5(partial, "w")
+    provenance.write_attrs(h5.attrs)
+    h5.attrs["complete"] = False
+    h5.create_group("images")
+    h5.flush()
+    return WriteStatus(ArtifactWriter(path, provenance, h5, resumed=0), up_to_date=False, note=note)
+
+
+def _drop_unfinished(h5: h5py.File) -> None:
+    images = h5.require_group("images")
+    for key in [k for k in images if not bool(images[k].attrs.get("done", False))]:
+        del images[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model artifacts: weights, architecture, and training state while training
+
+
+@dataclass
+class ModelArtifact:
+    """A network's weights with what rebuilds it (``arch``) and, for checkpoints, its training state."""
+
+    state_dict: dict[str, Any]
+    arch: dict[str, Any]
+    provenance: Provenance
+    train_state: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_model_file(
+    target: Path,
+    provenance: Provenance,
+    state_dict: Mapping[str, Any],
+    arch: Mapping[str, Any],
+    train_state: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None,
+    complete: bool,
+) -> None:
+    """Write a whole model file beside ``target`` and rename it over ``target`` (atomic)."""
+    import torch
+
+    tmp = target.with_name(target.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        provenance.write_attrs(h5.attrs)
+        h5.attrs["arch"] = json.dumps(dict(arch), sort_keys=True)
+        for name, value in (meta or {}).items():
+            h5.attrs[f"meta_{name}"] = json.dumps(value, sort_keys=True, default=str)
+        weights = h5.create_group("weights")
+        for key, tensor in state_dict.items():
+            weights.create_dataset(key, data=tensor.detach().cpu().numpy())
+        if train_state is not None:
+            train = h5.create_group("train")
+            for key, value in train_state.items():
+                if isinstance(value, (int, float, str, bool)) or value is None:
+                    train.attrs[key] = json.dumps(value)
+                else:
+                    buffer = io.BytesIO()
+                    torch.save(value, buffer)
+                    train.create_dataset(key, data=np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        h5.attrs["complete"] = complete
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def save_checkpoint(
+    path: Path,
+    provenance: Provenance,
+    state_dict: Mapping[str, Any],
+    arch: Mapping[str, Any],
+    train_state: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Save a training checkpoint as ``NAME.h5.partial`` (replaced whole, atomically, each time).
+
+    ``train_state`` holds the epoch, step and anything torch can save (optimizer state, RNG states).
+    """
+    _write_model_file(partial_path(Path(path)), provenance, state_dict, arch, train_state, meta, False)
+
+
+def save_model(
+    path: Path,
+    provenance: Provenance,
+    state_dict: Mapping[str, Any],
+    arch: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the finished model ``NAME.h5`` (complete) and remove its checkpoint."""
+    path = Path(path)
+    _write_model_file(path, provenance, state_dict, arch, None, meta, True)
+    partial_path(path).unlink(missing_ok=True)
+    return path
+
+
+def _read_model(h5: h5py.File, path: Path, provenance: Provenance) -> ModelArtifact:
+    import torch
+
+    if "weights" not in h5 or "arch" not in h5.attrs:
+        raise ArtifactError(f"{path}: a model artifact without weights or arch; rerun its stage with --force")
+    state = {key: torch.from_numpy(np.array(ds[()])) for key, ds in h5["weights"].items()}
+    train_state = None
+    if "train" in h5:
+        train_state = {k: json.loads(v) for k, v in h5["train"].attrs.items()}
+        for key, ds in h5["train"].items():
+            train_state[key] = torch.load(io.BytesIO(ds[()].tobytes()), weights_only=False)
+    meta = {k[5:]: json.loads(v) for k, v in h5.attrs.items() if k.startswith("meta_")}
+    return ModelArtifact(state, json.loads(h5.attrs["arch"]), provenance, train_state, meta)
+
+
+def load_model(path: Path | str, dataset: Mapping[str, Any] | None = None) -> ModelArtifact:
+    """Load a complete model artifact (refusals as ``open_artifact``)."""
+    with open_artifact(path, kind="model", dataset=dataset) as art:
+        return _read_model(art.h5, art.path, art.provenance)
+
+
+def load_checkpoint(path: Path, provenance: Provenance, *, force: bool = False) -> ModelArtifact | None:
+    """The checkpoint of an interrupted training with the same fingerprint, or None to start afresh.
+
+    A checkpoint of other settings is refused (naming what differs) unless ``force``; an unreadable one
+    (killed mid-write before the atomic rename cannot happen, but a disk error can) is discarded.
+    """
+    partial = partial_path(Path(path))
+    if not partial.exists():
+        return None
+    try:
+        h5 = _open_h5(partial)
+    except ArtifactError:
+        partial.unlink()
+        return None
+    with h5:
+        found = Provenance.read_attrs(h5.attrs, partial)
+        if found.fingerprint != provenance.fingerprint:
+            if force:
+                return None
+            raise ArtifactError(
+                f"{partial}: an interrupted training with other settings "
+                f"({describe_difference(found, provenance)}); rerun with --force to discard it"
+            )
+        return _read_model(h5, partial, found)
+
+
+def model_status(path: Path, provenance: Provenance, *, force: bool = False) -> bool:
+    """True when ``path`` is a complete model with this fingerprint (nothing to train).
+
+    Refuses a complete model made with other settings unless ``force``.
+    """
+    path = Path(path)
+    if not path.exists() or force:
+        return False
+    found = _existing_fingerprint(path)
+    if found is None:
+        raise ArtifactError(f"{path}: exists but is not a readable wsss artifact; delete it or rerun with --force")
+    old, complete = found
+    if old.fingerprint != provenance.fingerprint:
+        raise ArtifactError(
+            f"{path}: made with other settings ({describe_difference(old, provenance)}); rerun with --force "
+            "to replace it, or use another --run"
+        )
+    return complete
+
+
+def iter_records(art: Artifact) -> Iterator[tuple[str, h5py.Group]]:
+    """Every per-image group of an artifact, in id order."""
+    images = art.h5.get("images")
+    if images is None:
+        return
+    for key in sorted(images):
+        yield key, images[key]

@@ -1,0 +1,1 @@
+"""The `wsss` command line: option parsing, wsss.toml, rich output and one-line errors."""

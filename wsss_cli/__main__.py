@@ -1,0 +1,3 @@
+from wsss_cli.main import main
+
+main()

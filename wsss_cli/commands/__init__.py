@@ -1,0 +1,12 @@
+"""One module per stage command; each exposes ``register(app)``."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register_all(app: typer.Typer) -> None:
+    """Add every stage command to the app, in pipeline order (the order `wsss --help` lists them)."""
+    modules: tuple = ()
+    for module in modules:
+        module.register(app)

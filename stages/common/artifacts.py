@@ -560,6 +560,7 @@ def _write_model_file(
     import torch
 
     tmp = target.with_name(target.name + ".tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tmp, "w") as h5:
         provenance.write_attrs(h5.attrs)
         h5.attrs["arch"] = json.dumps(dict(arch), sort_keys=True)

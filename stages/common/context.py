@@ -106,3 +106,17 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     return value
+
+
+def default_train_split(dataset: Dataset) -> str:
+    """``train_aug`` (VOC + SBD, 10,582 images) when the dataset offers it, else ``train``."""
+    return "train_aug" if "train_aug" in dataset.split_names() else "train"
+
+
+def config_record(config: Any, opts: RunOptions) -> dict[str, Any]:
+    """A stage config as stored in artifacts and fingerprinted: its fields plus the seed."""
+    import dataclasses
+
+    record = {f.name: jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    record["seed"] = opts.seed
+    return record

@@ -386,3 +386,16 @@ def test_grayscale_cmyk_rgba_and_16bit_become_rgb(tmp_path: Path) -> None:
     assert np.allclose(pixels["cmyk"][0, 0], [255, 0, 0], atol=3)  # no magenta or yellow ink = red
     assert pixels["rgba"][0, 0].tolist() == [10, 20, 30]
     assert np.allclose(pixels["deep"], 127, atol=1)  # scaled down, not clipped to white
+
+
+def test_coco_broken_json(tmp_path: Path) -> None:
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    write_lines(path, ["{not json"])
+    with raises_naming(path, "not a COCO instances file"):
+        CocoDataset(tmp_path)
+    image = {"id": 1, "file_name": "x.jpg", "height": 2, "width": 2}
+    stray = {"id": 9, "image_id": 1, "category_id": 99, "segmentation": [], "iscrowd": 0}
+    content = {"images": [image], "categories": [{"id": 1, "name": "a"}], "annotations": [stray]}
+    write_lines(path, [json.dumps(content)])
+    with raises_naming(path, "category 99"):
+        CocoDataset(tmp_path)

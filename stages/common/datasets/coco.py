@@ -81,6 +81,7 @@ class CocoDataset(Dataset):
         if self._category_ids is not None and category_ids != self._category_ids:
             raise DatasetError(f"{path}: its categories differ from the other split's; use one COCO release")
         self._category_ids = category_ids
+        known_categories = set(category_ids)
         by_coco_id: dict[int, _ImageRecord] = {}
         ids: list[str] = []
         for entry in images:
@@ -94,6 +95,11 @@ class CocoDataset(Dataset):
             if record is None:
                 raise DatasetError(
                     f"{path}: annotation {ann.get('id')} names unknown image {ann['image_id']}"
+                )
+            if ann.get("category_id") not in known_categories:
+                raise DatasetError(
+                    f"{path}: annotation {ann.get('id')} has category {ann.get('category_id')} missing from "
+                    "its categories list; re-download the file"
                 )
             record.annotations.append(ann)
         self._loaded[split] = sorted(ids)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from stages import __version__
-from stages.common.errors import ArtifactError
+from stages.common.errors import ArtifactError, StaleArtifact
 
 KINDS = ("model", "scores", "labels", "metrics")
 # Bumped when the layout changes in a way old readers cannot follow.
@@ -495,7 +495,7 @@ def begin(path: Path, provenance: Provenance, *, force: bool = False) -> WriteSt
             )
         old, complete = found
         if old.fingerprint != provenance.fingerprint:
-            raise ArtifactError(
+            raise StaleArtifact(
                 f"{path}: made with other settings ({describe_difference(old, provenance)}); rerun with "
                 "--force to replace it, or use another --run"
             )
@@ -512,7 +512,7 @@ def begin(path: Path, provenance: Provenance, *, force: bool = False) -> WriteSt
             return WriteStatus(writer, up_to_date=False, resumed=writer.resumed,
                                note=f"resuming {partial.name}: {writer.resumed} images already done")
         if found is not None and not force:
-            raise ArtifactError(
+            raise StaleArtifact(
                 f"{partial}: an interrupted run with other settings "
                 f"({describe_difference(found[0], provenance)}); rerun with --force to discard it"
             )
@@ -653,7 +653,7 @@ def load_checkpoint(path: Path, provenance: Provenance, *, force: bool = False) 
         if found.fingerprint != provenance.fingerprint:
             if force:
                 return None
-            raise ArtifactError(
+            raise StaleArtifact(
                 f"{partial}: an interrupted training with other settings "
                 f"({describe_difference(found, provenance)}); rerun with --force to discard it"
             )
@@ -673,7 +673,7 @@ def model_status(path: Path, provenance: Provenance, *, force: bool = False) -> 
         raise ArtifactError(f"{path}: exists but is not a readable wsss artifact; delete it or rerun with --force")
     old, complete = found
     if old.fingerprint != provenance.fingerprint:
-        raise ArtifactError(
+        raise StaleArtifact(
             f"{path}: made with other settings ({describe_difference(old, provenance)}); rerun with --force "
             "to replace it, or use another --run"
         )

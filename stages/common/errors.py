@@ -15,6 +15,13 @@ class ArtifactError(WsssError):
     """An artifact that cannot be used: missing, incomplete, of another kind, run or dataset."""
 
 
+class StaleArtifact(ArtifactError):
+    """An artifact (or interrupted one) made with other settings or inputs than asked now.
+
+    ``wsss run`` catches it to recompute the stage and everything downstream; a single stage refuses.
+    """
+
+
 class DatasetError(WsssError):
     """A dataset that cannot be read as asked: missing files, corrupt images, unknown classes."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from wsss_cli.commands import show
+
 
 def register_all(app: typer.Typer) -> None:
     """Add every stage command to the app, in pipeline order (the order `wsss --help` lists them)."""
-    modules: tuple = ()
+    modules: tuple = (show,)
     for module in modules:
         module.register(app)

@@ -405,12 +405,13 @@ def run(opts: RunOptions, cfg: EvalConfig) -> EvalSummary:
                 results = done.meta("results", [])
             return _summary("up to date", out, results, skipped, time.perf_counter() - start)
         with status.writer as writer:
+            stored = writer.h5.get("results", {})
+            resumed = any(bool(record.attrs.get("done", False)) for record in stored.values())
             results = list(_score_all(writer, roles, dataset, cfg, opts.quiet))
             writer.set_meta("results", results)
             writer.finish()
-    return _summary(
-        "resumed" if status.resumed else "made", out, results, skipped, time.perf_counter() - start
-    )
+    status_word = "resumed" if resumed else "made"
+    return _summary(status_word, out, results, skipped, time.perf_counter() - start)
 
 
 def _provenance(opts: RunOptions, cfg: EvalConfig, dataset: Dataset, roles: dict[str, Path]) -> Provenance:

@@ -13,7 +13,9 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import h5py
 import numpy as np
 
 from stages import __version__
-from stages.common.errors import ArtifactError, StaleArtifact
+from stages.common.errors import ArtifactError, StaleArtifact, WsssError
 
 KINDS = ("model", "scores", "labels", "metrics")
 # Bumped when the layout changes in a way old readers cannot follow.
@@ -39,6 +41,27 @@ def fingerprint_of(value: Any) -> str:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+# What h5py raises when a file's bytes are damaged below the point HDF5 can open it: a broken heap or
+# B-tree surfaces as OSError or RuntimeError, a lost attribute as KeyError, a garbled one as ValueError or
+# TypeError. Found by fuzzing (tests/reliability/test_fuzz_artifacts.py).
+_CORRUPTION = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn h5py's errors on a damaged file into one ArtifactError naming the file and the fix."""
+    try:
+        yield
+    except WsssError:
+        raise
+    except _CORRUPTION as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise ArtifactError(
+            f"{path}: cannot read {what} ({type(exc).__name__}: {detail}); the file is damaged: delete it "
+            "and rerun the stage that makes it"
+        ) from exc
 
 
 @dataclass
@@ -93,6 +116,11 @@ class Provenance:
             raise ArtifactError(
                 f"{path}: not a wsss artifact (missing or unreadable attribute: {exc}); "
                 "make it with a wsss stage"
+            ) from exc
+        except (OSError, RuntimeError) as exc:
+            raise ArtifactError(
+                f"{path}: cannot read its provenance attributes (damaged file: {exc}); delete it and rerun "
+                "the stage that makes it"
             ) from exc
 
     def ref(self, path: Path) -> dict[str, str]:
@@ -188,18 +216,22 @@ class Artifact:
             self.h5.close()
 
     def ids(self) -> list[str]:
-        images = self.h5.get("images")
-        return sorted(images.keys()) if images is not None else []
+        with _reading(self.path, "its image index"):
+            images = self.h5.get("images")
+            return sorted(images.keys()) if images is not None else []
 
     def __contains__(self, image_id: str) -> bool:
-        return f"images/{image_id}" in self.h5
+        with _reading(self.path, "its image index"):
+            return f"images/{image_id}" in self.h5
 
     def __len__(self) -> int:
-        images = self.h5.get("images")
-        return len(images) if images is not None else 0
+        with _reading(self.path, "its image index"):
+            images = self.h5.get("images")
+            return len(images) if images is not None else 0
 
     def _group(self, image_id: str) -> h5py.Group:
-        group = self.h5.get(f"images/{image_id}")
+        with _reading(self.path, f"the record of image {image_id!r}"):
+            group = self.h5.get(f"images/{image_id}")
         if group is None:
             raise ArtifactError(
                 f"{self.path}: has no record for image {image_id!r}; it was made for other images "
@@ -207,21 +239,35 @@ class Artifact:
             )
         return group
 
+    def _record(self, image_id: str, name: str) -> h5py.Dataset:
+        dset = self._group(image_id).get(name)
+        if dset is None:
+            raise ArtifactError(f"{self.path}: image {image_id!r} has no {name}; this is a {self.kind} artifact")
+        return dset
+
     def scores(self, image_id: str) -> tuple[np.ndarray, tuple[int, ...], int]:
         """``(scores float32 (K, h, w), classes, stride)`` of one image."""
-        dset = self._group(image_id).get("scores")
-        if dset is None:
-            raise ArtifactError(f"{self.path}: image {image_id!r} has no scores; this is a {self.kind} artifact")
-        try:
-            values = dset[()].astype(np.float32)
-        except OSError as exc:
-            raise ArtifactError(f"{self.path}: cannot read scores of {image_id!r} (corrupt file)") from exc
+        with _reading(self.path, f"the scores of image {image_id!r}"):
+            dset = self._record(image_id, "scores")
+            values = _verified(self.path, dset, f"the scores of image {image_id!r}").astype(np.float32)
+            classes = tuple(int(c) for c in np.atleast_1d(dset.attrs["classes"]))
+            stride = int(dset.attrs["stride"])
+        known = len(self.dataset.get("class_names") or []) or None
         if not np.all(np.isfinite(values)):
             raise ArtifactError(
                 f"{self.path}: scores of image {image_id!r} hold NaN or Inf; rerun the stage with --force"
             )
-        classes = tuple(int(c) for c in dset.attrs["classes"])
-        return values, classes, int(dset.attrs["stride"])
+        if (
+            values.ndim != 3
+            or values.shape[0] != len(classes)
+            or stride < 1
+            or any(c < 0 or (known is not None and c >= known) for c in classes)
+        ):
+            raise ArtifactError(
+                f"{self.path}: scores of image {image_id!r} are {values.shape} for classes {list(classes)} "
+                f"at stride {stride}; the file is damaged: rerun its stage with --force"
+            )
+        return values, classes, stride
 
     def scores_full(self, image_id: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, ...]]:
         """Scores upsampled (bilinear) to the image size ``(H, W)``: float32 ``(K, H, W)``."""
@@ -229,27 +275,32 @@ class Artifact:
         return upsample_scores(values, size), classes
 
     def labels(self, image_id: str) -> np.ndarray:
-        dset = self._group(image_id).get("labels")
-        if dset is None:
-            raise ArtifactError(f"{self.path}: image {image_id!r} has no labels; this is a {self.kind} artifact")
-        try:
-            return dset[()].astype(np.uint8)
-        except OSError as exc:
-            raise ArtifactError(f"{self.path}: cannot read labels of {image_id!r} (corrupt file)") from exc
+        with _reading(self.path, f"the labels of image {image_id!r}"):
+            dset = self._record(image_id, "labels")
+            labels = _verified(self.path, dset, f"the labels of image {image_id!r}").astype(np.uint8)
+        if labels.ndim != 2:
+            raise ArtifactError(
+                f"{self.path}: labels of image {image_id!r} are {labels.shape}, not (H, W); the file is "
+                "damaged: rerun its stage with --force"
+            )
+        return labels
 
     def extra(self, image_id: str, name: str) -> np.ndarray:
-        dset = self._group(image_id).get(name)
-        if dset is None:
-            raise ArtifactError(f"{self.path}: image {image_id!r} has no {name!r} record")
-        return dset[()]
+        with _reading(self.path, f"the {name!r} record of image {image_id!r}"):
+            dset = self._group(image_id).get(name)
+            if dset is None:
+                raise ArtifactError(f"{self.path}: image {image_id!r} has no {name!r} record")
+            return _verified(self.path, dset, f"the {name!r} record of image {image_id!r}")
 
     def meta(self, name: str, default: Any = None) -> Any:
         """A JSON root attribute a stage added (e.g. mine-ae's per-round table)."""
-        raw = self.h5.attrs.get(f"meta_{name}")
-        return default if raw is None else json.loads(raw)
+        with _reading(self.path, f"its {name!r} record"):
+            raw = self.h5.attrs.get(f"meta_{name}")
+            return default if raw is None else json.loads(raw)
 
     def metas(self) -> dict[str, Any]:
-        return {k[5:]: json.loads(v) for k, v in self.h5.attrs.items() if k.startswith("meta_")}
+        with _reading(self.path, "its records"):
+            return {k[5:]: json.loads(v) for k, v in self.h5.attrs.items() if str(k).startswith("meta_")}
 
 
 def upsample_scores(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -300,34 +351,54 @@ def open_artifact(
         raise ArtifactError(f"{path}: not found; run the stage that makes it first")
     h5 = _open_h5(path)
     try:
-        if "wsss_kind" not in h5.attrs:
-            raise ArtifactError(f"{path}: not a wsss artifact (no wsss_kind attribute)")
-        fmt = int(h5.attrs.get("wsss_format", 0))
-        if fmt != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{path}: artifact format {fmt}, this wsss reads format {FORMAT_VERSION}; "
-                "rerun its stage with --force to rewrite it"
-            )
-        provenance = Provenance.read_attrs(h5.attrs, path)
-        if not bool(h5.attrs.get("complete", False)):
-            raise ArtifactError(f"{path}: incomplete artifact (its stage did not finish); rerun that stage")
-        kinds = (kind,) if isinstance(kind, str) else kind
-        if kinds is not None and provenance.kind not in kinds:
-            raise ArtifactError(
-                f"{path}: a {provenance.kind} artifact from {provenance.stage}, but a "
-                f"{' or '.join(kinds)} artifact is needed here; pass the right file"
-            )
-        if dataset is not None:
-            check_dataset(path, provenance.dataset, dataset)
+        with _reading(path, "its provenance attributes"):
+            return _checked_artifact(path, h5, kind, dataset)
     except BaseException:
         h5.close()
         raise
+
+
+def _checked_artifact(
+    path: Path, h5: h5py.File, kind: str | tuple[str, ...] | None, dataset: Mapping[str, Any] | None
+) -> Artifact:
+    """The refusals of ``open_artifact`` on an open file (which the caller closes on error)."""
+    if "wsss_kind" not in h5.attrs:
+        raise ArtifactError(f"{path}: not a wsss artifact (no wsss_kind attribute)")
+    fmt = int(h5.attrs.get("wsss_format", 0))
+    if fmt != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format {fmt}, this wsss reads format {FORMAT_VERSION}; "
+            "rerun its stage with --force to rewrite it"
+        )
+    provenance = Provenance.read_attrs(h5.attrs, path)
+    stored = h5.attrs.get("fingerprint")
+    if stored is not None and str(stored) != provenance.fingerprint:
+        raise ArtifactError(
+            f"{path}: its provenance attributes do not match their fingerprint (damaged or edited); "
+            "rerun the stage that makes it with --force"
+        )
+    if not bool(h5.attrs.get("complete", False)):
+        raise ArtifactError(f"{path}: incomplete artifact (its stage did not finish); rerun that stage")
+    seal = h5.attrs.get(_SEAL)
+    if seal is not None and int(seal) != _attrs_checksum(h5.attrs):
+        raise ArtifactError(
+            f"{path}: its attributes fail their checksum (damaged or edited); rerun the stage that makes "
+            "it with --force"
+        )
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and provenance.kind not in kinds:
+        raise ArtifactError(
+            f"{path}: a {provenance.kind} artifact from {provenance.stage}, but a "
+            f"{' or '.join(kinds)} artifact is needed here; pass the right file"
+        )
+    if dataset is not None:
+        check_dataset(path, provenance.dataset, dataset)
     return Artifact(path, h5, provenance)
 
 
 def read_provenance(path: Path) -> tuple[Provenance, bool]:
     """Provenance and completeness of any artifact file, partial ones included (for ``wsss info``)."""
-    with _open_h5(path) as h5:
+    with _open_h5(path) as h5, _reading(path, "its provenance attributes"):
         provenance = Provenance.read_attrs(h5.attrs, path)
         return provenance, bool(h5.attrs.get("complete", False))
 
@@ -417,9 +488,7 @@ class ArtifactWriter:
 
     @staticmethod
     def _dataset(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
-        if value.ndim == 0 or value.size < 64:
-            return group.create_dataset(name, data=value)
-        return group.create_dataset(name, data=value, chunks=True, compression=_COMPRESSION)
+        return _checksummed(group, name, value, compress=value.size >= 64)
 
     def set_meta(self, name: str, value: Any) -> None:
         """A JSON root attribute readers get back with ``Artifact.meta(name)``."""
@@ -436,11 +505,58 @@ class ArtifactWriter:
     def finish(self) -> Path:
         """Mark complete, close, fsync and atomically rename the partial file to its final name."""
         self.h5.attrs["complete"] = True
+        _seal(self.h5)
         self.h5.close()
         _fsync(self.partial)
         os.replace(self.partial, self.path)
         _fsync_dir(self.path.parent)
         return self.path
+
+
+def _checksummed(group: h5py.Group, name: str, value: np.ndarray, *, compress: bool) -> h5py.Dataset:
+    """A dataset with a Fletcher-32 checksum per chunk, so damaged bytes fail to read instead of reading
+    as wrong numbers (HDF5 checks nothing by default). Scalars cannot be chunked and stay plain."""
+    if value.ndim == 0 or value.size == 0:
+        dset = group.create_dataset(name, data=value)
+    else:
+        dset = group.create_dataset(
+            name, data=value, chunks=True, fletcher32=True, compression=_COMPRESSION if compress else None
+        )
+    # Chunk checksums miss a damaged chunk index that points a record at another record's intact chunk;
+    # a checksum of the whole value, kept beside it, catches that too.
+    dset.attrs["crc32"] = zlib.crc32(np.ascontiguousarray(value).tobytes())
+    return dset
+
+
+_SEAL = "attrs_crc32"
+
+
+def _attrs_checksum(attrs: h5py.AttributeManager) -> int:
+    """CRC-32 of every root attribute but the seal, as read back (so writer and reader agree on types)."""
+    items = []
+    for name in sorted(str(k) for k in attrs.keys() if str(k) != _SEAL):
+        value = attrs[name]
+        value = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+        items.append([name, value.decode(errors="replace") if isinstance(value, bytes) else value])
+    return zlib.crc32(json.dumps(items, default=str).encode())
+
+
+def _seal(h5: h5py.File) -> None:
+    """Checksum the root attributes last, so a damaged config, arch or record reads as damaged."""
+    h5.flush()
+    h5.attrs[_SEAL] = _attrs_checksum(h5.attrs)
+
+
+def _verified(path: Path, dset: h5py.Dataset, what: str) -> np.ndarray:
+    """A dataset's value, checked against the checksum written with it (when there is one)."""
+    value = dset[()]
+    expected = dset.attrs.get("crc32")
+    if expected is not None and zlib.crc32(np.ascontiguousarray(value).tobytes()) != int(expected):
+        raise ArtifactError(
+            f"{path}: {what} fails its checksum; the file is damaged: delete it and rerun the stage that "
+            "makes it"
+        )
+    return value
 
 
 def _fsync(path: Path) -> None:
@@ -568,7 +684,7 @@ def _write_model_file(
             h5.attrs[f"meta_{name}"] = json.dumps(value, sort_keys=True, default=str)
         weights = h5.create_group("weights")
         for key, tensor in state_dict.items():
-            weights.create_dataset(key, data=tensor.detach().cpu().numpy())
+            _checksummed(weights, key, tensor.detach().cpu().numpy(), compress=False)
         if train_state is not None:
             train = h5.create_group("train")
             for key, value in train_state.items():
@@ -577,8 +693,9 @@ def _write_model_file(
                 else:
                     buffer = io.BytesIO()
                     torch.save(value, buffer)
-                    train.create_dataset(key, data=np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+                    _checksummed(train, key, np.frombuffer(buffer.getvalue(), dtype=np.uint8), compress=False)
         h5.attrs["complete"] = complete
+        _seal(h5)
     _fsync(tmp)
     os.replace(tmp, target)
     _fsync_dir(target.parent)
@@ -616,16 +733,23 @@ def save_model(
 def _read_model(h5: h5py.File, path: Path, provenance: Provenance) -> ModelArtifact:
     import torch
 
-    if "weights" not in h5 or "arch" not in h5.attrs:
-        raise ArtifactError(f"{path}: a model artifact without weights or arch; rerun its stage with --force")
-    state = {key: torch.from_numpy(np.array(ds[()])) for key, ds in h5["weights"].items()}
-    train_state = None
-    if "train" in h5:
-        train_state = {k: json.loads(v) for k, v in h5["train"].attrs.items()}
-        for key, ds in h5["train"].items():
-            train_state[key] = torch.load(io.BytesIO(ds[()].tobytes()), weights_only=False)
-    meta = {k[5:]: json.loads(v) for k, v in h5.attrs.items() if k.startswith("meta_")}
-    return ModelArtifact(state, json.loads(h5.attrs["arch"]), provenance, train_state, meta)
+    with _reading(path, "its weights"):
+        if "weights" not in h5 or "arch" not in h5.attrs:
+            raise ArtifactError(
+                f"{path}: a model artifact without weights or arch; rerun its stage with --force"
+            )
+        state = {
+            key: torch.from_numpy(np.array(_verified(path, ds, f"weight {key!r}")))
+            for key, ds in h5["weights"].items()
+        }
+        train_state = None
+        if "train" in h5:
+            train_state = {k: json.loads(v) for k, v in h5["train"].attrs.items()}
+            for key, ds in h5["train"].items():
+                raw = _verified(path, ds, f"training state {key!r}")
+                train_state[key] = torch.load(io.BytesIO(raw.tobytes()), weights_only=False)
+        meta = {k[5:]: json.loads(v) for k, v in h5.attrs.items() if str(k).startswith("meta_")}
+        return ModelArtifact(state, json.loads(h5.attrs["arch"]), provenance, train_state, meta)
 
 
 def load_model(path: Path | str, dataset: Mapping[str, Any] | None = None) -> ModelArtifact:
@@ -682,8 +806,10 @@ def model_status(path: Path, provenance: Provenance, *, force: bool = False) -> 
 
 def iter_records(art: Artifact) -> Iterator[tuple[str, h5py.Group]]:
     """Every per-image group of an artifact, in id order."""
-    images = art.h5.get("images")
-    if images is None:
-        return
-    for key in sorted(images):
-        yield key, images[key]
+    with _reading(art.path, "its image index"):
+        images = art.h5.get("images")
+        keys = sorted(images) if images is not None else []
+    for key in keys:
+        with _reading(art.path, f"the record of image {key!r}"):
+            group = images[key]
+        yield key, group

@@ -9,6 +9,7 @@ datasets, so a partial file killed mid-image resumes from the last whole image.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -426,12 +427,21 @@ class ArtifactWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        # On error the partial file stays on disk, closed cleanly, ready to resume.
-        self.close()
+        # On error the partial file stays on disk, closed as well as it can be, ready to resume.
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except (OSError, RuntimeError, WsssError):
+            # After a failed write (a full disk) HDF5's close fails too, with a message about its
+            # internals; the error already on its way is the one that says what happened.
+            pass
 
     def close(self) -> None:
         if self.h5.id.valid:
-            self.h5.close()
+            with _writing(self.partial):
+                self.h5.close()
 
     def done(self, image_id: str) -> bool:
         group = self.h5.get(f"images/{image_id}")
@@ -454,6 +464,18 @@ class ArtifactWriter:
         extra: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Write one image's record (replacing an unfinished one) and mark it done."""
+        with _writing(self.partial):
+            self._write_image(image_id, scores, classes, stride, labels, extra)
+
+    def _write_image(
+        self,
+        image_id: str,
+        scores: np.ndarray | None,
+        classes: tuple[int, ...] | list[int] | None,
+        stride: int | None,
+        labels: np.ndarray | None,
+        extra: Mapping[str, np.ndarray] | None,
+    ) -> None:
         if "/" in image_id:
             raise ArtifactError(f"{self.partial}: image id {image_id!r} contains '/', which HDF5 cannot name")
         images = self.h5.require_group("images")
@@ -492,23 +514,26 @@ class ArtifactWriter:
 
     def set_meta(self, name: str, value: Any) -> None:
         """A JSON root attribute readers get back with ``Artifact.meta(name)``."""
-        self.h5.attrs[f"meta_{name}"] = json.dumps(value, sort_keys=True, default=str)
+        with _writing(self.partial):
+            self.h5.attrs[f"meta_{name}"] = json.dumps(value, sort_keys=True, default=str)
 
     def get_meta(self, name: str, default: Any = None) -> Any:
         raw = self.h5.attrs.get(f"meta_{name}")
         return default if raw is None else json.loads(raw)
 
     def flush(self) -> None:
-        self.h5.flush()
+        with _writing(self.partial):
+            self.h5.flush()
         self._since_flush = 0
 
     def finish(self) -> Path:
         """Mark complete, close, fsync and atomically rename the partial file to its final name."""
-        self.h5.attrs["complete"] = True
-        _seal(self.h5)
-        self.h5.close()
-        _fsync(self.partial)
-        os.replace(self.partial, self.path)
+        with _writing(self.path):
+            self.h5.attrs["complete"] = True
+            _seal(self.h5)
+            self.h5.close()
+            _fsync(self.partial)
+            os.replace(self.partial, self.path)
         _fsync_dir(self.path.parent)
         return self.path
 
@@ -545,6 +570,25 @@ def _seal(h5: h5py.File) -> None:
     """Checksum the root attributes last, so a damaged config, arch or record reads as damaged."""
     h5.flush()
     h5.attrs[_SEAL] = _attrs_checksum(h5.attrs)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, from Python (errno set) or from HDF5 (errno only in h5py's message)."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a full disk into one line; the last complete artifact and the partial's records stay."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not _is_disk_full(exc):
+            raise
+        raise ArtifactError(f"disk full while writing {path}; free space and rerun to resume") from exc
 
 
 def _verified(path: Path, dset: h5py.Dataset, what: str) -> np.ndarray:
@@ -635,10 +679,11 @@ def begin(path: Path, provenance: Provenance, *, force: bool = False) -> WriteSt
         note = f"discarded unreadable {partial.name}" if found is None else f"discarded {partial.name}"
         partial.unlink()
     h5 = _open_h5(partial, "w")
-    provenance.write_attrs(h5.attrs)
-    h5.attrs["complete"] = False
-    h5.create_group("images")
-    h5.flush()
+    with _writing(partial):
+        provenance.write_attrs(h5.attrs)
+        h5.attrs["complete"] = False
+        h5.create_group("images")
+        h5.flush()
     return WriteStatus(ArtifactWriter(path, provenance, h5, resumed=0), up_to_date=False, note=note)
 
 
@@ -673,10 +718,30 @@ def _write_model_file(
     complete: bool,
 ) -> None:
     """Write a whole model file beside ``target`` and rename it over ``target`` (atomic)."""
-    import torch
-
     tmp = target.with_name(target.name + ".tmp")
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _writing(target):
+            _write_model_tmp(tmp, provenance, state_dict, arch, train_state, meta, complete)
+            _fsync(tmp)
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written copy would only eat the space the user must free
+        raise
+    _fsync_dir(target.parent)
+
+
+def _write_model_tmp(
+    tmp: Path,
+    provenance: Provenance,
+    state_dict: Mapping[str, Any],
+    arch: Mapping[str, Any],
+    train_state: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None,
+    complete: bool,
+) -> None:
+    import torch
+
     with h5py.File(tmp, "w") as h5:
         provenance.write_attrs(h5.attrs)
         h5.attrs["arch"] = json.dumps(dict(arch), sort_keys=True)
@@ -696,9 +761,6 @@ def _write_model_file(
                     _checksummed(train, key, np.frombuffer(buffer.getvalue(), dtype=np.uint8), compress=False)
         h5.attrs["complete"] = complete
         _seal(h5)
-    _fsync(tmp)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
 
 
 def save_checkpoint(

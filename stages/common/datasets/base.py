@@ -20,6 +20,13 @@ from stages.common.errors import DatasetError
 VOID = 255
 """Mask value for pixels no one should be scored on (object boundaries, crowds, unsure regions)."""
 
+def _too_large(path: Path, exc: Exception) -> DatasetError:
+    """PIL refuses images past ``Image.MAX_IMAGE_PIXELS`` x 2 (decompression-bomb guard)."""
+    return DatasetError(
+        f"{path}: image too large to decode safely ({exc}); shrink it or remove its id from the split"
+    )
+
+
 # Modes PIL opens 16/32-bit single-channel files as; converting them with PIL clips at 255 instead of
 # scaling, which would turn a 16-bit photo white.
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -41,7 +48,9 @@ def read_rgb(path: Path) -> np.ndarray:
         raise DatasetError(
             f"{path}: image file not found; copy it back or remove its id from the split"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, exc) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(
             f"{path}: cannot decode image ({exc}); re-copy the file or remove its id from the split"
         ) from exc
@@ -64,6 +73,8 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(
             f"{path}: image file not found; copy it back or remove its id from the split"
         ) from None
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, exc) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(
             f"{path}: cannot read image header ({exc}); re-copy the file or remove its id from the split"
@@ -84,6 +95,8 @@ def read_label_png(path: Path) -> np.ndarray:
             return np.asarray(img).copy()
     except FileNotFoundError:
         raise DatasetError(f"{path}: mask file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, exc) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot decode mask ({exc}); re-copy the file") from exc
 

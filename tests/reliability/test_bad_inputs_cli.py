@@ -236,11 +236,13 @@ def nan_scores(path: Path) -> None:
 ARTIFACT_CASES = {
     "zero-byte HDF5": (
         zero_byte,
-        "error: {a}: not a readable HDF5 file (truncated or corrupt); delete it and rerun the stage that makes it",
+        "error: {a}: not a readable HDF5 file (truncated or corrupt); delete it and rerun the stage "
+        "that makes it",
     ),
     "truncated HDF5": (
         truncated_h5,
-        "error: {a}: not a readable HDF5 file (truncated or corrupt); delete it and rerun the stage that makes it",
+        "error: {a}: not a readable HDF5 file (truncated or corrupt); delete it and rerun the stage "
+        "that makes it",
     ),
     "artifact of an older format version": (
         older_format,

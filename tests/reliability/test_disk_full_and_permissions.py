@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -144,24 +145,49 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # h5py's dealloc on ENOSPC
-def test_a_really_full_disk(tmp_path: Path) -> None:
-    """HDF5 reports ENOSPC only inside its message (errno unset): the writer must still say 'disk full'."""
-    disk = tmp_path / "disk"
+FILL_DISK = """
+import sys
+from pathlib import Path
+import numpy as np
+from stages.common.artifacts import Provenance, begin
+from stages.common.errors import ArtifactError
+prov = Provenance(kind="scores", stage="test", config={}, dataset={"fingerprint": "d1"})
+rng = np.random.default_rng(0)
+try:
+    status = begin(Path(sys.argv[1]) / "cams.h5", prov)
+    with status.writer as writer:
+        for i in range(1000):  # incompressible noise: ~4 KB per image, far beyond 256 KiB
+            writer.write_image(f"i{i}", scores=rng.random((2, 32, 32)), classes=(1, 2), stride=4)
+            writer.flush()
+except ArtifactError as exc:
+    print(exc, flush=True)
+    sys.exit(2)
+"""
+
+
+@pytest.fixture(scope="module")
+def really_full_disk(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess:
+    """A child process filling a 256 KiB tmpfs (HDF5 can crash at exit after ENOSPC: keep it outside)."""
+    disk = tmp_path_factory.mktemp("full") / "disk"
     if not _mount_tmpfs(disk, "256k"):
         pytest.skip("needs root to mount a tiny tmpfs")
     try:
-        prov = Provenance(kind="scores", stage="test", config={"lr": 0.1}, dataset=_dataset())
-        path = disk / "cams.h5"
-        rng = np.random.default_rng(0)
-        with pytest.raises(ArtifactError, match=r"^disk full while writing .*cams\.h5\.partial; free space"):
-            status = begin(path, prov)
-            with status.writer as writer:
-                for i in range(1000):  # incompressible noise: ~4 KB per image, far beyond 256 KiB
-                    writer.write_image(f"i{i}", scores=rng.random((2, 32, 32)), classes=(1, 2), stride=4)
-                    writer.flush()
+        return subprocess.run(
+            [sys.executable, "-c", FILL_DISK, str(disk)], capture_output=True, text=True, timeout=120
+        )
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_really_full_disk_says_so(really_full_disk: subprocess.CompletedProcess) -> None:
+    """HDF5 reports ENOSPC only inside its message (errno unset), then fails to close: one line still."""
+    assert really_full_disk.stdout.strip().startswith("disk full while writing ")
+    assert really_full_disk.stdout.strip().endswith("cams.h5.partial; free space and rerun to resume")
+
+
+@pytest.mark.xfail(strict=True, reason="HDF5 segfaults at interpreter exit after a failed close on ENOSPC")
+def test_a_really_full_disk_exits_cleanly(really_full_disk: subprocess.CompletedProcess) -> None:
+    assert really_full_disk.returncode == 2
 
 
 def test_read_only_run_directory_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:

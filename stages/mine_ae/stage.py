@@ -23,6 +23,7 @@ import torch
 from stages.common.artifacts import Provenance, begin, open_artifact
 from stages.common.cam import CAM_SCALES
 from stages.common.context import RunOptions, config_record, default_train_split
+from stages.common.distributed import rank_and_world
 from stages.common.errors import ArtifactError, ConfigError
 from stages.common.summary import Summary
 from stages.mine_ae import seeds as seeds_mod
@@ -116,6 +117,8 @@ def run(opts: RunOptions, cfg: MineAeConfig, *, backend: ClassifierBackend | Non
     """Erase, retrain and mine for up to ``cfg.rounds`` rounds, then write cams.h5 and seeds.h5."""
     if opts.shard is not None:
         raise ConfigError("--shard: mine-ae runs as one process over all images; drop --shard")
+    if rank_and_world()[1] > 1:
+        raise ConfigError("mine-ae runs as one process (a round needs the last); launch it without torchrun")
     started = time.time()
     dataset = opts.dataset
     split = cfg.split or default_train_split(dataset)

@@ -26,14 +26,12 @@ from stages.common.artifacts import (
     Provenance,
     begin,
     load_model,
-    open_artifact,
 )
 from stages.common.cam import normalise_image
 from stages.common.context import RunOptions, config_record
 from stages.common.densecrf import CrfParams, dense_crf
 from stages.common.distributed import is_main
 from stages.common.errors import ConfigError
-from stages.common.metrics import ConfusionAccumulator
 from stages.common.networks import build_resnet
 from stages.common.progress import track
 from stages.common.summary import Summary
@@ -294,30 +292,16 @@ def _predict_one(
 def evaluate_predictions(path: Path, opts: RunOptions, split: str) -> list[dict[str, Any]]:
     """mIoU of a ``pred_<split>.h5`` against the dataset's masks, without and with CRF (one row each).
 
-    Uses ``stages.common.metrics`` (255 = void in ground truth; predictions never hold 255).
+    Scored by ``stages.evaluate.evaluate_artifact`` (the same figures as ``wsss eval``).
     """
-    dataset = opts.dataset
-    names = dataset.class_names
-    plain, refined = ConfusionAccumulator(len(names)), ConfusionAccumulator(len(names))
-    with open_artifact(path, kind="labels", dataset=dataset.describe(split)) as art:
-        has_crf = False
-        for image_id in art.ids():
-            gt = dataset.mask(image_id)
-            plain.update(art.labels(image_id), gt)
-            if f"images/{image_id}/labels_crf" in art.h5:
-                has_crf = True
-                refined.update(art.extra(image_id, "labels_crf"), gt)
-    rows = [_row("no CRF", plain, names)]
-    if has_crf:
-        rows.append(_row("CRF", refined, names))
+    from stages.evaluate import evaluate_artifact
+
+    result = evaluate_artifact(path, opts.dataset, split=split)
+    rows = [_row("no CRF", result)]
+    if result.get("with_crf"):
+        rows.append(_row("CRF", result["with_crf"]))
     return rows
 
 
-def _row(what: str, acc: ConfusionAccumulator, names: Sequence[str]) -> dict[str, Any]:
-    figures = acc.summary(names)
-    return {
-        "labels": what,
-        "mIoU": figures["miou"],
-        "pixel acc": figures["pixel_accuracy"],
-        "images": figures["images"],
-    }
+def _row(what: str, figures: dict[str, Any]) -> dict[str, Any]:
+    return {"labels": what, "mIoU": figures["miou"], "pixel acc": figures["pixel_accuracy"]}

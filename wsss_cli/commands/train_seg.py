@@ -16,6 +16,7 @@ from wsss_cli.common import (
     QuietOpt,
     RunOpt,
     SeedOpt,
+    ShardOpt,
     WorkersOpt,
     execute,
     render,
@@ -68,16 +69,19 @@ def train_seg(
     output_stride: Annotated[
         int | None, typer.Option("--output-stride", help=f"8 or 16. {_AUTO}: 16 / 8.")
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help=f"{_AUTO}: 20 / 12.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help=f"{_AUTO}: 20 / 16.")] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help=f"Per process. {_AUTO}: 10 / 8.")
     ] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help=f"Backbone learning rate (poly 0.9). {_AUTO}: 2.5e-4 / 0.01.")
+        float | None, typer.Option("--lr", help=f"Backbone learning rate (poly 0.9). {_AUTO}: 2.5e-4 / 0.02.")
     ] = None,
     head_lr_mult: Annotated[
         float | None,
-        typer.Option("--head-lr-mult", help="Head lr = lr × this. Default 10 (DeepLab-v2); 1 for deeplabv3."),
+        typer.Option(
+            "--head-lr-mult",
+            help=f"Head lr = lr × this. {_AUTO}: 10 (DeepLab-v2) / 1 (from scratch); 1 for deeplabv3.",
+        ),
     ] = None,
     crop_size: Annotated[int | None, typer.Option("--crop-size", help=f"{_AUTO}: 321 / 96.")] = None,
     weights: Annotated[
@@ -195,12 +199,13 @@ def predict_command(
     amp: AmpOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
 ) -> None:
     """Predict a split with a trained segmenter (pred_<split>.h5, resumable) and score it when masks exist."""
     from stages.train_seg.predict import PredictConfig, predict
 
     def work():  # type: ignore[no-untyped-def]
-        opts = run_options(run, data, device, None, seed, force, quiet, amp)
+        opts = run_options(run, data, device, None, seed, force, quiet, amp, shard)
         flags = {
             "model": model,
             "split": split,

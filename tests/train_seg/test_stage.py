@@ -134,3 +134,30 @@ def test_parse_scales() -> None:
     for bad in ("a,b", "0,1", ""):
         with pytest.raises(ConfigError):
             parse_scales(bad)
+
+
+def test_segmentation_trained_weights_are_refused(tmp_path: Path, toy_root: Path) -> None:
+    # A torchvision segmentation checkpoint (backbone./classifier. keys) was trained on VOC masks.
+    from stages.common.context import RunOptions
+    from stages.train_seg.stage import run
+
+    bad = tmp_path / "deeplab_voc.pth"
+    torch.save(
+        {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7), "classifier.0.weight": torch.zeros(1)}, bad
+    )
+    opts = RunOptions(run_dir=tmp_path / "run", data=f"toy:{toy_root}", device="cpu", quiet=True)
+    cfg = TrainSegConfig(labels="gt", arch="deeplabv2_resnet18", weights=bad, epochs=1, predict=False)
+    with pytest.raises(ConfigError, match="segmentation model"):
+        run(opts, cfg)
+
+
+def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path, toy_root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsss_cli.main import app
+
+    args = ["predict", "--run", str(tmp_path), "--data", f"toy:{toy_root}", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "seg.h5: not found" in result.output and "Traceback" not in result.output
+    assert CliRunner().invoke(app, ["train-seg", "--help"]).exit_code == 0

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from stages.common.artifacts import Artifact, Provenance, begin, open_artifact
+from stages.common.artifacts import Artifact, Provenance, open_artifact
 from stages.common.context import RunOptions, config_record, default_train_split
 from stages.common.datasets import open_dataset
 from stages.common.densecrf import CrfParams, crf_labels, dense_crf
 from stages.common.errors import ArtifactError, ConfigError
 from stages.common.progress import track
+from stages.common.shards import begin_sharded, stage_lock
 from stages.common.summary import Summary
 
 _PSA = CrfParams()
@@ -127,17 +128,18 @@ def run(opts: RunOptions, cfg: CrfConfig) -> Summary:
     described = dataset.describe(split)
     scores_path = Path(cfg.scores or opts.path("refined.h5"))
     out = Path(cfg.out or opts.path("pseudo.h5"))
-    with opts.lock("crf"):
+    with stage_lock(opts, "crf"):
         with open_artifact(scores_path, kind="scores", dataset=described) as scores:
             check_scores(scores, ids)
             record = {k: v for k, v in config_record(cfg, opts).items() if k not in ("scores", "out")}
             provenance = Provenance("labels", "crf", record, {"scores": scores.ref()}, described)
-        status = begin(out, provenance, force=opts.force)
+        status = begin_sharded(out, provenance, ids, opts)
         if status.up_to_date:
-            return Summary("crf", "up to date", [out], time.perf_counter() - started, notes=[status.note])
+            seconds = time.perf_counter() - started
+            return Summary("crf", "up to date", [status.path], seconds, notes=[status.note])
         assert status.writer is not None
         with status.writer as writer:
-            todo = [i for i in ids if not writer.done(i)]
+            todo = [i for i in status.ids if not writer.done(i)]
             init_args = (opts.data, str(opts.run_dir), str(scores_path), cfg.params(), cfg.min_conf)
             unsure = pixels = 0
             results = _results(todo, opts.num_workers, init_args)
@@ -146,13 +148,14 @@ def run(opts: RunOptions, cfg: CrfConfig) -> Summary:
                 unsure += int((labels == 255).sum())
                 pixels += labels.size
             writer.finish()
+        status.complete()
     seconds = time.perf_counter() - started
     figures = {"unsure %": 100.0 * unsure / max(pixels, 1)} if cfg.min_conf is not None else {}
     notes = [status.note] if status.note else []
     return Summary(
         "crf",
         "resumed" if status.resumed else "made",
-        [out],
+        [status.path],
         seconds,
         images=len(todo),
         figures=figures,

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.artifacts import Provenance, begin, open_artifact
+from stages.common.artifacts import Provenance, open_artifact
 from stages.common.cam import CAM_SCALES
 from stages.common.context import RunOptions, config_record, default_train_split
-from stages.common.distributed import rank_and_world
+from stages.common.distributed import barrier, is_main, local_device, shard
 from stages.common.errors import ArtifactError, ConfigError
+from stages.common.shards import begin_sharded, stage_lock
 from stages.common.summary import Summary
 from stages.mine_ae import seeds as seeds_mod
 from stages.mine_ae.erasing import DEFAULT_LOW_CAM_THR, DEFAULT_SALIENCY_BG_THR, DEFAULT_TOP_FRACTION
@@ -115,10 +116,11 @@ class RoundOutcome:
 
 def run(opts: RunOptions, cfg: MineAeConfig, *, backend: ClassifierBackend | None = None) -> Summary:
     """Erase, retrain and mine for up to ``cfg.rounds`` rounds, then write cams.h5 and seeds.h5."""
-    if opts.shard is not None:
-        raise ConfigError("--shard: mine-ae runs as one process over all images; drop --shard")
-    if rank_and_world()[1] > 1:
-        raise ConfigError("mine-ae runs as one process (a round needs the last); launch it without torchrun")
+    if opts.shard is not None and cfg.rounds > 1:
+        raise ConfigError(
+            "--shard splits round 1 only (round t+1 trains on all of round t): use --rounds 1 per machine, "
+            "`wsss merge`, then torchrun for more rounds"
+        )
     started = time.time()
     dataset = opts.dataset
     split = cfg.split or default_train_split(dataset)
@@ -130,7 +132,7 @@ def run(opts: RunOptions, cfg: MineAeConfig, *, backend: ClassifierBackend | Non
     with open_artifact(first, kind="model", dataset=described) as cls_art:
         recipe = _round_recipe(cls_art.config, cls_art.provenance.inputs)
     # Held through the round trainings too: train_classifier expects its caller to hold the lock.
-    with opts.lock(STAGE):
+    with stage_lock(opts, STAGE):
         return _run_locked(opts, cfg, backend, first, recipe, described, ids, started)
 
 
@@ -193,8 +195,17 @@ def _run_locked(
                 f"seeds use rounds 1..{t - 1}"
             )
             break
+    if opts.shard is not None:
+        note = "join the shards with `wsss merge`, then rerun mine-ae --rounds 1 for cams.h5 and seeds.h5"
+        status = "resumed" if resumed else "made"
+        images = len(shard(ids, *opts.shard))
+        return Summary(STAGE, status, [outcomes[0].path], time.time() - started, images=images, notes=[note])
     kept = [o for o in outcomes if o.round == 1 or o.quality["f1"] >= cfg.stop_f1]
-    summary = seeds_mod.write_outputs(opts, cfg, record, described, ids, outcomes, kept, SEED_FIELDS)
+    # The fused CAM and seeds are one cheap pass: rank 0 writes them while the others wait.
+    summary = Summary(STAGE, "made")
+    if is_main():
+        summary = seeds_mod.write_outputs(opts, cfg, record, described, ids, outcomes, kept, SEED_FIELDS)
+    barrier()
     summary.notes = notes + summary.notes
     if resumed and summary.status == "made":
         summary.status = "resumed"
@@ -230,17 +241,19 @@ def _mine_round(
     )
     path = round_path(opts.run_dir, t)
     started = time.time()
-    status = begin(path, provenance, force=opts.force)
+    status = begin_sharded(path, provenance, ids, opts)
+    path = status.path
     if status.writer is not None:
         with status.writer as writer:
             if writer.get_meta("train_seconds") is None:
                 writer.set_meta("train_seconds", train_seconds)
-            _extract_round(opts, cfg, t, classifier, previous, backend, mean_pixel, ids, writer)
+            _extract_round(opts, cfg, t, classifier, previous, backend, mean_pixel, status.ids, writer)
             writer.set_meta(
                 "extract_seconds", float(writer.get_meta("extract_seconds", 0.0)) + time.time() - started
             )
             writer.finish()
-    quality = _round_quality(path, ids, dataset)
+        status.complete()
+    quality = _round_quality(path, status.all_ids, dataset)
     with open_artifact(path, kind="scores", dataset=described) as art:
         outcome = RoundOutcome(
             t,
@@ -265,7 +278,7 @@ def _extract_round(
     writer: Any,
 ) -> None:
     dataset = opts.dataset
-    device = opts.torch_device()
+    device = local_device(opts.torch_device())
     load = (backend or train_cls_backend()).load
     model = prepare_model(load(classifier, writer.provenance.dataset, device), device)
     recipe = CamRecipe(

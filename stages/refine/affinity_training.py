@@ -18,6 +18,7 @@ import torch
 from stages.common.artifacts import Artifact, Provenance, load_model, model_status, read_provenance
 from stages.common.cam import normalise_image
 from stages.common.context import RunOptions, jsonable
+from stages.common.distributed import init_if_launched, rank_and_world, wrap_ddp
 from stages.common.errors import ConfigError
 from stages.common.progress import track
 from stages.common.training import CheckpointedTraining, check_finite, loader_generator, set_poly_lr
@@ -164,6 +165,11 @@ def train_affinity(
     optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=_MOMENTUM, weight_decay=_WEIGHT_DECAY)
     arch = {"in_channels": stage_channels(classifier), "embed_dim": cfg.embed_dim, "stride": cfg.stride}
     training = CheckpointedTraining(path, provenance, head, optimizer, arch, force=opts.force)
+    init_if_launched(device)  # under torchrun each rank trains on its slice of every batch (DDP)
+    rank, world = rank_and_world()
+    if cfg.batch_size < world:
+        raise ConfigError(f"--aff-batch-size {cfg.batch_size} is smaller than the {world} processes")
+    model = wrap_ddp(head, device)
     labels = collect_labels(opts, cfg, cams, ids)
     steps_per_epoch = max(1, len(ids) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -173,7 +179,7 @@ def train_affinity(
         head.train()
         losses = []
         for step in range(steps_per_epoch):
-            batch = [ids[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            batch = [ids[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]][rank::world]
             crops = [
                 random_crop(opts.dataset.image(i), labels[i], cfg.crop, cfg.stride, generator) for i in batch
             ]
@@ -181,7 +187,7 @@ def train_affinity(
             y = torch.stack([c[1] for c in crops]).to(device)
             with torch.no_grad():
                 features = classifier.forward_features(x)
-            loss = affinity_loss(pair_affinity(head(features), cfg.radius), affinity_targets(y, cfg.radius))
+            loss = affinity_loss(pair_affinity(model(features), cfg.radius), affinity_targets(y, cfg.radius))
             check_finite(loss, path, epoch, training.step)
             set_poly_lr(optimizer, training.step, total)
             optimizer.zero_grad(set_to_none=True)

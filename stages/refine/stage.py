@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.common.artifacts import Artifact, Provenance, begin, open_artifact, read_provenance
+from stages.common.artifacts import Artifact, Provenance, open_artifact, read_provenance
 from stages.common.cam import cam_grid, normalise_image
 from stages.common.context import RunOptions, config_record, default_train_split
 from stages.common.errors import ArtifactError, ConfigError
 from stages.common.progress import track
+from stages.common.shards import begin_sharded, stage_lock
 from stages.common.summary import Summary
 from stages.refine.pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
 from stages.refine.random_walk import (
@@ -295,7 +296,8 @@ def _run(opts: RunOptions, cfg: RefineConfig) -> Summary:
     described = dataset.describe(split)
     device = opts.torch_device()
     out = cfg.out or opts.path("refined.h5")
-    with opts.lock("refine"), open_artifact(cfg.cams or opts.path("cams.h5"), "scores", described) as cams:
+    cams_path = cfg.cams or opts.path("cams.h5")
+    with stage_lock(opts, "refine"), open_artifact(cams_path, "scores", described) as cams:
         check_cams(cams, ids)
         inputs = {"cams": cams.ref()}
         classifier = affinity = None
@@ -313,11 +315,13 @@ def _run(opts: RunOptions, cfg: RefineConfig) -> Summary:
             affinity = load_affinity(aff_path, described, device)
             inputs["affinity"] = read_provenance(aff_path)[0].ref(aff_path)
         provenance = Provenance("scores", "refine", method_record(cfg, opts), inputs, described)
-        status = begin(out, provenance, force=opts.force)
+        status = begin_sharded(out, provenance, ids, opts)
         if status.up_to_date:
-            return Summary("refine", "up to date", [out], time.perf_counter() - started, notes=[status.note])
+            seconds = time.perf_counter() - started
+            return Summary("refine", "up to date", [status.path], seconds, notes=[status.note])
         assert status.writer is not None
-        timing, memory = _refine_all(opts, cfg, ids, cams, classifier, affinity, status.writer)
+        timing, memory = _refine_all(opts, cfg, status.ids, cams, classifier, affinity, status.writer)
+        status.complete()
     notes += [status.note] if status.note else []
     if memory:
         notes.append(
@@ -327,7 +331,7 @@ def _run(opts: RunOptions, cfg: RefineConfig) -> Summary:
     return Summary(
         "refine",
         "resumed" if status.resumed else "made",
-        [out],
+        [status.path],
         time.perf_counter() - started,
         images=timing["images"],
         notes=notes,

@@ -24,16 +24,15 @@ from torchvision.models.resnet import BasicBlock
 from stages.common.artifacts import (
     ModelArtifact,
     Provenance,
-    begin,
     load_model,
 )
 from stages.common.cam import normalise_image
 from stages.common.context import RunOptions, config_record
 from stages.common.densecrf import CrfParams, dense_crf
-from stages.common.distributed import is_main
 from stages.common.errors import ConfigError
 from stages.common.networks import build_resnet
 from stages.common.progress import track
+from stages.common.shards import begin_sharded
 from stages.common.summary import Summary
 from stages.train_seg import networks as segnets
 from stages.train_seg.losses import psl_test_filter
@@ -245,17 +244,19 @@ def predict(opts: RunOptions, cfg: PredictConfig) -> Summary:
         dataset=described,
     )
     ids = dataset.ids(cfg.split)
-    status = begin(out, provenance, force=opts.force)
-    summary = Summary("predict", artifacts=[out], images=len(ids))
+    status = begin_sharded(out, provenance, ids, opts)
+    summary = Summary("predict", artifacts=[status.path], images=len(status.ids))
     if status.up_to_date:
         summary.status = "up to date"
-    elif is_main():
+    else:
         assert status.writer is not None
         summary.status = "resumed" if status.resumed else "made"
         if status.note:
             summary.notes.append(status.note)
         with status.writer as writer:
-            for image_id in track(ids, total=len(ids), description=f"predict {cfg.split}", quiet=opts.quiet):
+            todo = status.ids
+            what = f"predict {cfg.split}"
+            for image_id in track(todo, total=len(todo), description=what, quiet=opts.quiet):
                 if writer.done(image_id):
                     continue
                 image = dataset.image(image_id)
@@ -263,8 +264,9 @@ def predict(opts: RunOptions, cfg: PredictConfig) -> Summary:
                 extra = {"labels_crf": labels_crf} if labels_crf is not None else None
                 writer.write_image(image_id, labels=labels, extra=extra)
             writer.finish()
+        status.complete()
     summary.seconds = time.time() - start
-    if dataset.has_masks(cfg.split):
+    if dataset.has_masks(cfg.split) and opts.shard is None:  # a shard is scored once merged
         rows = evaluate_predictions(out, opts, cfg.split)
         summary.tables[f"{cfg.split} mIoU"] = rows
         for row in rows:

@@ -13,6 +13,7 @@ from wsss_cli.common import (
     QuietOpt,
     RunOpt,
     SeedOpt,
+    ShardOpt,
     WorkersOpt,
     execute,
     render,
@@ -70,12 +71,13 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        shard: ShardOpt = None,
     ) -> None:
         from stages.crf import CrfConfig
         from stages.crf import run as run_crf
 
         def work():  # type: ignore[no-untyped-def]
-            opts = run_options(run, data, None, workers, seed, force, quiet)
+            opts = run_options(run, data, None, workers, seed, force, quiet, shard=shard)
             flags = dict(
                 scores=scores,
                 out=out,

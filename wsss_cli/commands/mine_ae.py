@@ -16,6 +16,7 @@ from wsss_cli.common import (
     QuietOpt,
     RunOpt,
     SeedOpt,
+    ShardOpt,
     WorkersOpt,
     execute,
     render,
@@ -103,6 +104,7 @@ def register(app: typer.Typer) -> None:
         amp: AmpOpt = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        shard: ShardOpt = None,
     ) -> None:
         """Adversarial erasing (AE-PSL): CAMs of cls.h5, then rounds of erase / retrain / mine.
 
@@ -115,7 +117,8 @@ def register(app: typer.Typer) -> None:
         from stages.mine_ae.stage import run as run_mine_ae
 
         opts = run_options(
-            run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet, amp=amp
+            run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet, amp=amp,
+            shard=shard,
         )
         flags = {
             "rounds": rounds,

@@ -14,6 +14,7 @@ from wsss_cli.common import (
     QuietOpt,
     RunOpt,
     SeedOpt,
+    ShardOpt,
     WorkersOpt,
     execute,
     render,
@@ -124,12 +125,13 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        shard: ShardOpt = None,
     ) -> None:
         from stages.refine.stage import RefineConfig
         from stages.refine.stage import run as run_refine
 
         def work():  # type: ignore[no-untyped-def]
-            opts = run_options(run, data, device, workers, seed, force, quiet)
+            opts = run_options(run, data, device, workers, seed, force, quiet, shard=shard)
             dilations = _int_tuple(pamr_dilations, "--pamr-dilations")
             flags = dict(
                 method=method,

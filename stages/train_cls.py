@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.artifacts import fingerprint_of, load_model, model_status, Provenance
+from stages.common.artifacts import Provenance, fingerprint_of, load_model, model_status
 from stages.common.augment import regional_dropout_masks, scale_grid_sizes
 from stages.common.classifier_data import ClassificationSamples, TrainAugment
 from stages.common.cls_methods import ClassifierObjective, ComplementaryNet, build_classifier, puzzle_alpha
@@ -42,7 +42,7 @@ from stages.common.training import (
 SMALL_IMAGES = 200  # median long side (px) below which the small-image (toy) recipe applies
 MOMENTUM = 0.9  # IRN's SGD momentum, really passed as momentum (a known pitfall of reference code)
 # Small-image recipe from scratch (no ImageNet weights, trainable BN): measured on the 200-image toy set.
-SMALL_ARCH, SMALL_EPOCHS, SCRATCH_LR = "resnet18", 10, 0.05
+SMALL_ARCH, SMALL_EPOCHS, SCRATCH_LR = "resnet18", 10, 0.01
 
 
 @dataclass
@@ -50,18 +50,22 @@ class TrainClsConfig:
     """Options of `wsss train-cls`. None = auto, resolved from the dataset by `resolve_config`.
 
     VOC values are IRN's (Ahn et al., CVPR 2019); images with a median long side below 200 px get the
-    small-image recipe (resnet18, 10 epochs, crop and resize range scaled to the image size).
+    small-image recipe (resnet18, 10 epochs, smaller crops; see `resolve_config`).
     """
 
     arch: str | None = None  # resnet50 (IRN); small images: resnet18
     output_stride: int = 16  # IRN; 8 optional
     epochs: int | None = None  # 5 (IRN); small images: 10
     batch_size: int = 16  # IRN
-    lr: float | None = None  # backbone lr: 0.1 with --weights (IRN), 0.05 from scratch
-    head_lr_mult: float = 10.0  # head (and new layers) at lr x 10: IRN's 0.1 / 1.0
+    lr: float | None = None  # backbone lr: 0.1 with --weights (IRN), 0.01 from scratch
+    head_lr_mult: float | None = (
+        None  # head (and new layers) lr multiplier: 10 with --weights (IRN's 0.1 / 1.0), else 1
+    )
     weight_decay: float = 1e-4  # IRN
-    crop_size: int | None = None  # median long side rounded up to a multiple of 32 (VOC: 512, IRN)
-    resize_long: tuple[int, int] | None = None  # 0.64x-1.28x the median long side (VOC: 320-640, IRN)
+    crop_size: int | None = None  # long side rounded up to x32 (VOC: 512, IRN); small: ~0.6x long side
+    resize_long: tuple[int, int] | None = (
+        None  # 0.64-1.28x long side (VOC: 320-640, IRN); small: 0.75-1x crop
+    )
     frozen_bn: bool | None = None  # frozen iff --weights given: BN cannot be frozen from scratch
     weights: Path | None = None  # torchvision-format ImageNet ResNet weights
     puzzle: bool = False  # Puzzle-CAM loss
@@ -85,11 +89,23 @@ def median_long_side(dataset: Dataset, ids: list[str], sample: int = 64) -> int:
 
 
 def resolve_config(cfg: TrainClsConfig, dataset: Dataset) -> TrainClsConfig:
-    """Fill every None (auto) field from the dataset; fields already set are kept (idempotent)."""
+    """Fill every None (auto) field from the dataset; fields already set are kept (idempotent).
+
+    VOC-size images (median long side >= 200 px) get IRN's recipe. Smaller images get the small-image
+    recipe, chosen for CPU compute: crop ~0.6x the long side (multiple of 32) with the whole image
+    resized into it (long side 0.75-1x the crop), so every crop keeps the small class cues it is labelled by.
+    From scratch (no --weights) BN trains and the head's lr is not multiplied: every layer is new.
+    """
     split = cfg.split or default_train_split(dataset)
     long_side = median_long_side(dataset, dataset.ids(split))
     small = long_side < SMALL_IMAGES
     with_weights = cfg.weights is not None
+    if small:
+        crop = cfg.crop_size or max(32, round(0.6 * long_side / 32) * 32)
+        resize_long = (round(0.75 * crop), crop)
+    else:
+        crop = cfg.crop_size or max(32, -(-long_side // 32) * 32)
+        resize_long = (round(0.64 * long_side), round(1.28 * long_side))
     val_split = cfg.val_split
     if val_split is None:
         val_split = "val" if "val" in dataset.split_names() and split != "val" else "none"
@@ -100,8 +116,9 @@ def resolve_config(cfg: TrainClsConfig, dataset: Dataset) -> TrainClsConfig:
         arch=cfg.arch or (SMALL_ARCH if small else "resnet50"),
         epochs=cfg.epochs or (SMALL_EPOCHS if small else 5),
         lr=cfg.lr if cfg.lr is not None else (0.1 if with_weights else SCRATCH_LR),
-        crop_size=cfg.crop_size or max(32, -(-long_side // 32) * 32),
-        resize_long=tuple(cfg.resize_long) if cfg.resize_long else (round(0.64 * long_side), round(1.28 * long_side)),
+        head_lr_mult=cfg.head_lr_mult if cfg.head_lr_mult is not None else (10.0 if with_weights else 1.0),
+        crop_size=crop,
+        resize_long=tuple(cfg.resize_long) if cfg.resize_long else resize_long,
         frozen_bn=cfg.frozen_bn if cfg.frozen_bn is not None else with_weights,
     )
 
@@ -115,7 +132,9 @@ def check_config(cfg: TrainClsConfig, dataset: Dataset) -> None:
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise ConfigError(f"--weights {cfg.weights}: no such file; pass a torchvision ResNet .pth file")
     if cfg.val_split not in ("none", *dataset.split_names()):
-        raise ConfigError(f"--val-split {cfg.val_split}: not a split of this dataset ({dataset.split_names()})")
+        raise ConfigError(
+            f"--val-split {cfg.val_split}: not a split of this dataset ({dataset.split_names()})"
+        )
     low, high = cfg.resize_long  # type: ignore[misc]
     if not 0 < low <= high or cfg.crop_size <= 0 or cfg.epochs <= 0 or cfg.batch_size <= 0:  # type: ignore[operator]
         raise ConfigError("sizes, epochs and batch size must be positive, and resize-long LOW <= HIGH")
@@ -130,8 +149,12 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def _provenance(
-    opts: RunOptions, cfg: TrainClsConfig, dataset: Dataset, stage: str,
-    ids: list[str] | None, extra_inputs: dict[str, dict] | None,
+    opts: RunOptions,
+    cfg: TrainClsConfig,
+    dataset: Dataset,
+    stage: str,
+    ids: list[str] | None,
+    extra_inputs: dict[str, dict] | None,
 ) -> Provenance:
     """The model's identity: resolved config + seed (+ the ids when a subset), inputs, dataset split."""
     record = config_record(cfg, opts)
@@ -141,7 +164,9 @@ def _provenance(
         inputs["weights"] = {"path": str(cfg.weights), "fingerprint": _file_fingerprint(Path(cfg.weights))}
     if ids is not None:
         record["ids"] = fingerprint_of(sorted(ids))
-    return Provenance(kind="model", stage=stage, config=record, inputs=inputs, dataset=dataset.describe(cfg.split))
+    return Provenance(
+        kind="model", stage=stage, config=record, inputs=inputs, dataset=dataset.describe(cfg.split)
+    )
 
 
 def build_network(cfg: TrainClsConfig, num_classes: int) -> CamNet:
@@ -189,13 +214,20 @@ def train_classifier(
     check_config(cfg, dataset)
     train_ids = list(ids) if ids is not None else dataset.ids(cfg.split)
     if len(train_ids) < cfg.batch_size:
-        raise ConfigError(f"only {len(train_ids)} training images for --batch-size {cfg.batch_size}; lower it")
+        raise ConfigError(
+            f"only {len(train_ids)} training images for --batch-size {cfg.batch_size}; lower it"
+        )
     provenance = _provenance(opts, cfg, dataset, stage, ids, extra_inputs)
     out = Path(out)
     if model_status(out, provenance, force=opts.force):
         history = load_model(out).meta.get("history", [])
-        return Summary(stage, status="up to date", artifacts=[out], figures=_figures(history),
-                       notes=[f"{out.name} is up to date (--force retrains)"])
+        return Summary(
+            stage,
+            status="up to date",
+            artifacts=[out],
+            figures=_figures(history),
+            notes=[f"{out.name} is up to date (--force retrains)"],
+        )
 
     device = local_device(opts.torch_device())
     init_if_launched(device)
@@ -206,7 +238,9 @@ def train_classifier(
     optimizer = make_optimizer(net, cfg)
     amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    training = CheckpointedTraining(out, provenance, net, optimizer, net.arch_spec(), force=opts.force, scaler=scaler)
+    training = CheckpointedTraining(
+        out, provenance, net, optimizer, net.arch_spec(), force=opts.force, scaler=scaler
+    )
     objective = wrap_ddp(ClassifierObjective(net, cfg.method, cfg.fusion_weight), device)
 
     mean_pixel = tuple(float(v) for v in dataset.mean_pixel(cfg.split))
@@ -215,7 +249,9 @@ def train_classifier(
     samples = ClassificationSamples(dataset, train_ids, train_augment=augment, seed=opts.seed, erase=erase)
     val = None
     if cfg.val_split != "none" and is_main():
-        val = ClassificationSamples(dataset, dataset.ids(cfg.val_split), eval_size=cfg.crop_size, mean_pixel=mean_pixel)
+        val = ClassificationSamples(
+            dataset, dataset.ids(cfg.val_split), eval_size=cfg.crop_size, mean_pixel=mean_pixel
+        )
     workers = opts.workers if opts.workers > 0 or device.type != "cuda" else opts.num_workers
     loop = _Loop(opts, cfg, device, amp, workers, out)
     for epoch in training.epochs(cfg.epochs):
@@ -267,10 +303,17 @@ class _Loop:
     workers: int
     out: Path
 
-    def _loader(self, data: torch.utils.data.Dataset, batch: int, order: list[int] | None) -> torch.utils.data.DataLoader:
+    def _loader(
+        self, data: torch.utils.data.Dataset, batch: int, order: list[int] | None
+    ) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            data, batch_size=batch, sampler=order, drop_last=order is not None, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
+            data,
+            batch_size=batch,
+            sampler=order,
+            drop_last=order is not None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init,
         )
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,8 +321,13 @@ class _Loop:
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     def train_epoch(
-        self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-        training: CheckpointedTraining, samples: ClassificationSamples, epoch: int,
+        self,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        training: CheckpointedTraining,
+        samples: ClassificationSamples,
+        epoch: int,
     ) -> tuple[float, float]:
         """Shuffle (seed, epoch), shard per rank, step with poly lr; returns (mean loss, train F1 in %)."""
         rank, world = rank_and_world()
@@ -294,13 +342,19 @@ class _Loop:
         objective.train()
         losses, probs, targets = [], [], []
         loader = self._loader(samples, per_rank, order)
-        for x, y, _ in track(loader, total=steps_per_epoch, description=f"epoch {epoch + 1}", quiet=self.opts.quiet):
+        for x, y, _ in track(
+            loader, total=steps_per_epoch, description=f"epoch {epoch + 1}", quiet=self.opts.quiet
+        ):
             x, y = self._to_device(x), y.to(self.device, non_blocking=True)
             set_poly_lr(optimizer, training.step, total_steps)
             masks = None
             if self.cfg.complementary:
-                generator = torch.Generator().manual_seed((self.opts.seed * 1_000_003 + training.step) * 64 + rank)
-                masks = regional_dropout_masks(x.shape[0], x.shape[2], x.shape[3], generator, self.cfg.dropout_grid)
+                generator = torch.Generator().manual_seed(
+                    (self.opts.seed * 1_000_003 + training.step) * 64 + rank
+                )
+                masks = regional_dropout_masks(
+                    x.shape[0], x.shape[2], x.shape[3], generator, self.cfg.dropout_grid
+                )
                 masks = masks.to(self.device)
             alpha = puzzle_alpha(training.step, total_steps, self.cfg.puzzle_alpha)
             with torch.autocast(self.device.type, enabled=self.amp):

@@ -32,7 +32,7 @@ ATTENTION_REDUCTION = 8  # query/key channels = D / 8, as in DANet's position at
 
 
 def puzzle_alpha(step: int, total_steps: int, alpha_max: float = PUZZLE_ALPHA) -> float:
-    """Reconstruction weight at ``step``: linear 0 -> ``alpha_max`` over the first half, then flat (Puzzle-CAM)."""
+    """Reconstruction weight at ``step``: 0 -> ``alpha_max`` over the first half, then flat (Puzzle-CAM)."""
     half = max(total_steps, 1) / 2.0
     return alpha_max * min(1.0, step / half)
 
@@ -59,7 +59,9 @@ def puzzle_loss(net: CamNet, x: Tensor, targets: Tensor, alpha: float) -> tuple[
     if stitched.shape[-2:] != full.shape[-2:]:
         stitched = F.interpolate(stitched, size=full.shape[-2:], mode="bilinear", align_corners=False)
     logits, tile_logits = full.mean(dim=(2, 3)), stitched.mean(dim=(2, 3))
-    loss = F.multilabel_soft_margin_loss(logits, targets) + F.multilabel_soft_margin_loss(tile_logits, targets)
+    loss = F.multilabel_soft_margin_loss(logits, targets) + F.multilabel_soft_margin_loss(
+        tile_logits, targets
+    )
     loss = loss + alpha * labelled_l1(F.relu(full), F.relu(stitched), targets)
     return loss, logits
 
@@ -148,7 +150,7 @@ class ComplementaryNet(CamNet):
         return (maps_a + maps_b) / 2
 
     def forward(self, x: Tensor) -> Tensor:
-        """Image logits (B, C) = GAP of the fused class maps (attention is not linear: no pooling shortcut)."""
+        """Image logits (B, C): GAP of the fused class maps; no pooling shortcut (attention is non-linear)."""
         return self.class_maps(self.forward_features(x)[-1]).mean(dim=(2, 3))
 
     def arch_spec(self) -> dict[str, Any]:
@@ -157,7 +159,7 @@ class ComplementaryNet(CamNet):
     def param_groups(
         self, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 1e-4
     ) -> list[dict[str, Any]]:
-        """Backbone at ``lr``; both heads and the attention modules (all new layers) at ``lr * head_lr_mult``."""
+        """Backbone at ``lr``; both heads and the attention modules (new layers) at ``lr * head_lr_mult``."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         new = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
@@ -201,7 +203,9 @@ class ClassifierObjective(nn.Module):
         if method not in METHODS:
             raise ConfigError(f"unknown classifier method {method!r}; one of {', '.join(METHODS)}")
         if method == "complementary" and not isinstance(net, ComplementaryNet):
-            raise ConfigError("the complementary method needs a ComplementaryNet (build it with type 'complementary')")
+            raise ConfigError(
+                "the complementary method needs a ComplementaryNet (build it with type 'complementary')"
+            )
         self.net = net
         self.method = method
         self.fusion_weight = fusion_weight
@@ -230,5 +234,7 @@ def build_classifier(arch_spec: dict[str, Any]) -> CamNet:
         if kind == "camnet":
             return CamNet(**spec)
     except TypeError as exc:
-        raise ConfigError(f"classifier arch {arch_spec} cannot be rebuilt ({exc}); retrain it with --force") from exc
+        raise ConfigError(
+            f"classifier arch {arch_spec} cannot be rebuilt ({exc}); retrain it with --force"
+        ) from exc
     raise ConfigError(f"unknown classifier type {kind!r} in arch {arch_spec}; retrain it with this wsss")

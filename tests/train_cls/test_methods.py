@@ -96,7 +96,10 @@ def test_hide_and_seek_hides_training_crops_never_test_views() -> None:
     mean = (10.0, 20.0, 30.0)
     hide = TrainAugment((64, 64), 64, mean, jitter=0.0, hide_grid_sizes=(16,))
     train = ClassificationSamples(_OneImage(), ["a"] * 8, train_augment=hide, seed=0)
-    hidden = [np.allclose(train[i][0], normalise_image(np.full((64, 64, 3), mean, np.uint8)), atol=1e-4) for i in range(8)]
+    hidden = [
+        np.allclose(train[i][0], normalise_image(np.full((64, 64, 3), mean, np.uint8)), atol=1e-4)
+        for i in range(8)
+    ]
     mean_cells = [int((train[i][0][0] < -1.5).sum()) for i in range(8)]  # mean pixels are very dark in R
     assert sum(m > 0 for m in mean_cells) >= 6 and not any(hidden)
     test = ClassificationSamples(_OneImage(), ["a"], eval_size=64, mean_pixel=mean)

@@ -69,7 +69,9 @@ def test_one_epoch_writes_a_model_that_reloads(tmp_path: Path, toy_root: Path) -
 def test_complementary_model_reloads_as_complementary(tmp_path: Path, toy_root: Path) -> None:
     torch.set_num_threads(1)
     opts = _opts(tmp_path, toy_root)
-    summary = run(opts, TrainClsConfig(epochs=1, complementary=True, hide_and_seek=True, val_split="none", **TINY))
+    summary = run(
+        opts, TrainClsConfig(epochs=1, complementary=True, hide_and_seek=True, val_split="none", **TINY)
+    )
     assert summary.status == "made" and "val_f1" not in summary.figures
     net = load_classifier(tmp_path / "cls.h5", opts.dataset.describe("train"), "cpu")
     assert isinstance(net, ComplementaryNet)
@@ -79,7 +81,9 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path, to
     data = f"toy:{toy_root}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(straight), data], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(straight), data], check=True, env=env, timeout=300
+    )
 
     process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(killed), data], env=env)
     checkpoint = partial_path(killed / "cls.h5")
@@ -92,7 +96,11 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path, to
     assert checkpoint.exists() and not (killed / "cls.h5").exists()
 
     resumed = subprocess.run(
-        [sys.executable, "-c", TRAIN_SCRIPT, str(killed), data], env=env, timeout=300, capture_output=True, text=True
+        [sys.executable, "-c", TRAIN_SCRIPT, str(killed), data],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip() == "resumed"
@@ -106,8 +114,27 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path, to
 def test_cli_refuses_a_changed_option_in_one_line(tmp_path: Path, toy_root: Path) -> None:
     from wsss_cli.main import app
 
-    args = ["train-cls", "--run", str(tmp_path), "--data", f"toy:{toy_root}", "--device", "cpu", "--epochs", "1",
-            "--crop-size", "32", "--resize-long", "32", "48", "--batch-size", "8", "--arch", "resnet18", "-q"]
+    args = [
+        "train-cls",
+        "--run",
+        str(tmp_path),
+        "--data",
+        f"toy:{toy_root}",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--crop-size",
+        "32",
+        "--resize-long",
+        "32",
+        "48",
+        "--batch-size",
+        "8",
+        "--arch",
+        "resnet18",
+        "-q",
+    ]
     made = CliRunner().invoke(app, args)
     assert made.exit_code == 0, made.output
     refused = CliRunner().invoke(app, [*args[:-1], "--lr", "0.3"])

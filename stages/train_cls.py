@@ -30,6 +30,7 @@ from stages.common.errors import ConfigError
 from stages.common.metrics import multilabel_scores
 from stages.common.networks import CamNet, load_backbone_weights
 from stages.common.progress import track
+from stages.common.shards import stage_lock
 from stages.common.summary import Summary
 from stages.common.training import (
     CheckpointedTraining,
@@ -390,5 +391,5 @@ class _Loop:
 
 def run(opts: RunOptions, cfg: TrainClsConfig) -> Summary:
     """`wsss train-cls`: the dataset's training split -> ``RUN/cls.h5``."""
-    with opts.lock("train-cls"):
+    with stage_lock(opts, "train-cls"):
         return train_classifier(opts, resolve_config(cfg, opts.dataset), opts.path("cls.h5"))

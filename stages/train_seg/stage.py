@@ -37,6 +37,7 @@ from stages.common.errors import ConfigError
 from stages.common.metrics import ConfusionAccumulator
 from stages.common.networks import load_backbone_weights
 from stages.common.progress import track
+from stages.common.shards import stage_lock
 from stages.common.summary import Summary
 from stages.common.training import CheckpointedTraining, check_finite, loader_generator, set_poly_lr
 from stages.train_seg import losses
@@ -154,7 +155,7 @@ def run(opts: RunOptions, cfg: TrainSegConfig) -> Summary:
     assert cfg.split is not None
     suffix = "_gt" if cfg.labels == "gt" else ""
     summary = Summary("train-seg", notes=[_recipe_note(cfg)])
-    with opts.lock("train-seg"):
+    with stage_lock(opts, "train-seg"):
         labels = label_source(cfg, opts, cfg.split)
         for round_index in range(1, cfg.psl_rounds + 1):
             last = round_index == cfg.psl_rounds
@@ -239,6 +240,8 @@ def train(
     if cfg.weights is not None:
         load_backbone_weights(backbone_of(model), cfg.weights)
     model.to(device)
+    if device.type == "cuda":  # convolutions run faster in channels_last on CUDA; the same maths
+        model.to(memory_format=torch.channels_last)
     assert cfg.lr is not None and cfg.head_lr_mult is not None
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.lr, cfg.head_lr_mult, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
@@ -268,7 +271,8 @@ def train(
             set_poly_lr(optimizer, training.step, cfg.epochs * steps_per_epoch)
             with torch.autocast(device.type, enabled=amp):
                 result = net(images.to(device, non_blocking=True))
-            loss = step_loss(result, target_labels.to(device), targets.to(device), raw)
+            target_labels = target_labels.to(device, non_blocking=True)
+            loss = step_loss(result, target_labels, targets.to(device, non_blocking=True), raw)
             check_finite(loss, path, epoch, training.step)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -291,8 +295,8 @@ def train(
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
     world = rank_and_world()[1]
-    per_rank = -(-n // world)
-    return max(1, per_rank // batch_size) if per_rank >= batch_size else 1
+    per_rank, batch = n // world, max(1, batch_size // world)
+    return max(1, per_rank // batch) if per_rank >= batch else 1
 
 
 def _loader(
@@ -301,23 +305,20 @@ def _loader(
     """This epoch's batches: the shuffle depends on (seed, epoch) only, so a resumed run repeats it.
 
     On the CPU the loader runs in the main process: the network already uses every core. A split smaller
-    than a batch gives one short batch instead of none.
+    than a batch gives one short batch instead of none. Under torchrun rank r takes order[r::world] of the
+    same shuffle (disjoint, equal counts, never padded with repeats) in batches of batch_size / world, so
+    step i of all ranks together sees the single process's batch i.
     """
     rank, world = rank_and_world()
     assert cfg.batch_size is not None
-    if world > 1:
-        sampler: torch.utils.data.Sampler = torch.utils.data.DistributedSampler(
-            samples, num_replicas=world, rank=rank, shuffle=True, seed=opts.seed
-        )
-        sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-    else:
-        sampler = torch.utils.data.RandomSampler(samples, generator=loader_generator(opts.seed, epoch))
-    per_rank = -(-len(samples) // world)
+    order = torch.randperm(len(samples), generator=loader_generator(opts.seed, epoch)).tolist()
+    order = order[rank::world][: len(order) // world]
+    batch = max(1, cfg.batch_size // world)
     return torch.utils.data.DataLoader(
         samples,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=per_rank >= cfg.batch_size,  # BatchNorm in training mode needs more than one crop
+        batch_size=batch,
+        sampler=order,
+        drop_last=len(order) >= batch,  # BatchNorm in training mode needs more than one crop
         num_workers=opts.num_workers if device.type == "cuda" else 0,
         pin_memory=device.type == "cuda",
     )

@@ -245,7 +245,7 @@ def _rates_table(rates: dict[str, dict[str, float]]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20, help="the small size N (the large one is 4N)")
+    parser.add_argument("--n", type=int, default=16, help="the small size N (the large one is 4N)")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path; default bench/results/DATE-HOST.json"
     )

@@ -25,7 +25,14 @@ from stages.common.classifier_data import ClassificationSamples, TrainAugment
 from stages.common.cls_methods import ClassifierObjective, ComplementaryNet, build_classifier, puzzle_alpha
 from stages.common.context import RunOptions, config_record, default_train_split
 from stages.common.datasets.base import Dataset
-from stages.common.distributed import init_if_launched, is_main, local_device, rank_and_world, wrap_ddp
+from stages.common.distributed import (
+    all_reduce_sum,
+    init_if_launched,
+    is_main,
+    local_device,
+    rank_and_world,
+    wrap_ddp,
+)
 from stages.common.errors import ConfigError
 from stages.common.metrics import multilabel_scores
 from stages.common.networks import CamNet, load_backbone_weights
@@ -373,8 +380,11 @@ class _Loop:
             losses.append(float(loss.detach()))
             probs.append(torch.sigmoid(logits.detach().float()).cpu())
             targets.append(y.cpu())
-        f1 = multilabel_scores(torch.cat(probs).numpy(), torch.cat(targets).numpy())["f1"]
-        return float(np.mean(losses)), f1
+        f1 = multilabel_scores(torch.cat(probs).numpy(), torch.cat(targets).numpy())["f1"]  # this rank's
+        # Under torchrun the recorded loss is every rank's mean, not rank 0's half (identity in one process).
+        sums = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=self.device)
+        totals = all_reduce_sum(sums)
+        return float(totals[0] / totals[1]), f1
 
     def validate(self, net: CamNet, val: ClassificationSamples) -> dict[str, float]:
         """Image-label mAP and F1 (%) of the eval-mode network on the validation views."""

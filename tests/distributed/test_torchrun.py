@@ -121,3 +121,6 @@ def test_ddp_train_cls_matches_one_process(runs: tuple[Path, Path, RunOptions]) 
     apart = (flat(a.state_dict) - flat(b.state_dict)).norm()
     assert update > 0
     assert apart / update < TOLERANCE, f"updates differ by {apart / update:.3g} of their size"
+    # The recorded loss is the mean over both ranks' steps, i.e. over the same crops as one process's.
+    loss_a, loss_b = a.meta["history"][-1]["loss"], b.meta["history"][-1]["loss"]
+    assert abs(loss_a - loss_b) <= TOLERANCE * abs(loss_a)

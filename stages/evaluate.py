@@ -40,6 +40,7 @@ from stages.common.artifacts import (
 )
 from stages.common.context import RunOptions, config_record
 from stages.common.datasets.base import Dataset, class_indices
+from stages.common.distributed import rank_and_world
 from stages.common.errors import ArtifactError, ConfigError
 from stages.common.metrics import ConfusionAccumulator, ThresholdCurve
 from stages.common.progress import track
@@ -383,6 +384,8 @@ def _resolve(path: Path, run_dir: Path) -> Path:
 
 def run(opts: RunOptions, cfg: EvalConfig) -> EvalSummary:
     """Score the named artifacts (default: all in the run directory) and write RUN/eval.h5."""
+    if rank_and_world()[1] > 1:  # its accumulators are not reduced over ranks; it is fast in one process
+        raise ConfigError("wsss eval runs in one process (hundreds of images/s); launch it without torchrun")
     start = time.perf_counter()
     dataset = opts.dataset
     out = Path(cfg.out) if cfg.out else opts.path(EVAL_NAME)

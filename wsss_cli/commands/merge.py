@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -32,10 +33,12 @@ def register(app: typer.Typer) -> None:
         from stages.common.shards import merge_shards
 
         def work() -> Summary:
+            started = time.perf_counter()
             result = merge_shards(shards, out, force=force)
             return Summary(
                 "merge",
                 artifacts=[result.out],
+                seconds=time.perf_counter() - started,
                 images=result.images,
                 figures={"shards": result.shards, "fingerprint": result.fingerprint},
             )

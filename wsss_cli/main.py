@@ -108,32 +108,33 @@ def info(path: Annotated[Path, typer.Argument(help="An artifact (.h5 or .h5.part
     def work() -> None:
         import json
 
-        from stages.common.artifacts import read_provenance
+        from stages.common.artifacts import FORMAT_VERSION, describe_file
 
-        provenance, complete = read_provenance(path)
-        import h5py
-
-        with h5py.File(path, "r") as h5:
-            images = len(h5["images"]) if "images" in h5 else 0
-            arch = json.loads(h5.attrs["arch"]) if "arch" in h5.attrs else None
-            metas = sorted(k[5:] for k in h5.attrs if k.startswith("meta_"))
-        size_mb = path.stat().st_size / 1e6
-        state = "[green]complete[/green]" if complete else "[yellow]incomplete[/yellow]"
-        console.print(f"[bold]{path}[/bold]: {provenance.kind} from {provenance.stage}, {state}, {size_mb:.2f} MB")
+        found = describe_file(path)
+        provenance = found["provenance"]
+        state = "[green]complete[/green]" if found["complete"] else "[yellow]incomplete[/yellow]"
+        console.print(
+            f"[bold]{path}[/bold]: {provenance.kind} from {provenance.stage}, {state}, {found['size_mb']:.2f} MB"
+        )
+        if not found["format_ok"]:
+            console.print(
+                f"  [red]format {found['format']}: this wsss reads format {FORMAT_VERSION}; "
+                "rerun its stage with --force[/red]"
+            )
         ds = provenance.dataset
         console.print(
             f"  dataset {ds.get('name')}:{ds.get('split')} at {ds.get('root')} "
             f"({ds.get('num_images')} images, fingerprint {ds.get('fingerprint')})",
             highlight=False,
         )
-        console.print(f"  fingerprint {provenance.fingerprint}; images recorded: {images}")
-        if arch:
-            console.print(f"  arch {json.dumps(arch)}", highlight=False)
+        console.print(f"  fingerprint {provenance.fingerprint}; images recorded: {found['images']}")
+        if found["arch"]:
+            console.print(f"  arch {json.dumps(found['arch'])}", highlight=False)
         console.print(f"  config {json.dumps(provenance.config, sort_keys=True)}", highlight=False)
         for role, ref in provenance.inputs.items():
             console.print(f"  input {role}: {ref.get('path')} ({ref.get('fingerprint')})", highlight=False)
-        if metas:
-            console.print(f"  records: {', '.join(metas)}")
+        if found["records"]:
+            console.print(f"  records: {', '.join(found['records'])}")
 
     execute(work)
 

@@ -404,6 +404,25 @@ def read_provenance(path: Path) -> tuple[Provenance, bool]:
         return provenance, bool(h5.attrs.get("complete", False))
 
 
+def describe_file(path: Path) -> dict[str, Any]:
+    """What ``wsss info`` prints: provenance, completeness, format, record count, arch and record names."""
+    path = Path(path)
+    with _open_h5(path) as h5, _reading(path, "its attributes"):
+        if "wsss_kind" not in h5.attrs:
+            raise ArtifactError(f"{path}: not a wsss artifact (no wsss_kind attribute)")
+        fmt = int(h5.attrs.get("wsss_format", 0))
+        return {
+            "provenance": Provenance.read_attrs(h5.attrs, path),
+            "complete": bool(h5.attrs.get("complete", False)),
+            "format": fmt,
+            "format_ok": fmt == FORMAT_VERSION,
+            "images": len(h5["images"]) if "images" in h5 else 0,
+            "arch": json.loads(h5.attrs["arch"]) if "arch" in h5.attrs else None,
+            "records": sorted(k[5:] for k in h5.attrs if k.startswith("meta_")),
+            "size_mb": path.stat().st_size / 1e6,
+        }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writing per-image artifacts
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -42,6 +43,30 @@ def fingerprint_of(value: Any) -> str:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+# Test fault injection (tests/reliability/test_kill_resume.py): WSSS_FAULT="POINT" or "POINT:K" makes the
+# process SIGKILL itself the K-th time (default 1st) it passes POINT. Unset, as always outside those tests,
+# it does nothing.
+FAULT_ENV = "WSSS_FAULT"
+_fault_passes: dict[str, int] = {}
+
+
+def _maybe_fault(point: str) -> None:
+    """TEST FAULT INJECTION ONLY: die by SIGKILL here when ``WSSS_FAULT`` names this point.
+
+    Points: ``after-images`` (a record written and marked done, ArtifactWriter.write_image),
+    ``after-flush`` (ArtifactWriter.flush), ``before-rename`` (a finished file fsynced, just before its
+    ``os.replace``: ArtifactWriter.finish and every model file, checkpoints included) and
+    ``after-checkpoint`` (CheckpointedTraining.end_epoch, the epoch's checkpoint saved). Passes are counted
+    per process, so a resumed run counts from 1 again. Read at call time, so tests need no reload.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.partition(":")[0] != point:
+        return
+    _fault_passes[point] = _fault_passes.get(point, 0) + 1
+    if _fault_passes[point] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # What h5py raises when a file's bytes are damaged below the point HDF5 can open it: a broken heap or
@@ -485,6 +510,7 @@ class ArtifactWriter:
         """Write one image's record (replacing an unfinished one) and mark it done."""
         with _writing(self.partial):
             self._write_image(image_id, scores, classes, stride, labels, extra)
+        _maybe_fault("after-images")
 
     def _write_image(
         self,
@@ -544,6 +570,7 @@ class ArtifactWriter:
         with _writing(self.partial):
             self.h5.flush()
         self._since_flush = 0
+        _maybe_fault("after-flush")
 
     def finish(self) -> Path:
         """Mark complete, close, fsync and atomically rename the partial file to its final name."""
@@ -552,6 +579,7 @@ class ArtifactWriter:
             _seal(self.h5)
             self.h5.close()
             _fsync(self.partial)
+            _maybe_fault("before-rename")
             os.replace(self.partial, self.path)
         _fsync_dir(self.path.parent)
         return self.path
@@ -743,6 +771,7 @@ def _write_model_file(
         with _writing(target):
             _write_model_tmp(tmp, provenance, state_dict, arch, train_state, meta, complete)
             _fsync(tmp)
+            _maybe_fault("before-rename")
             os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written copy would only eat the space the user must free

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.artifacts import Provenance, load_checkpoint, save_checkpoint, save_model
+from stages.common.artifacts import Provenance, _maybe_fault, load_checkpoint, save_checkpoint, save_model
 from stages.common.distributed import barrier, is_main, unwrap
 from stages.common.errors import WsssError
 
@@ -153,6 +153,7 @@ class CheckpointedTraining:
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
             save_checkpoint(self.path, self.provenance, unwrap(self.model).state_dict(), self.arch, state)
+            _maybe_fault("after-checkpoint")  # test fault injection (artifacts._maybe_fault)
         barrier()
 
     def finish(self, meta: Mapping[str, Any] | None = None) -> Path:

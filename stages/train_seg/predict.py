@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,9 @@ def predict(opts: RunOptions, cfg: PredictConfig) -> Summary:
     model, artifact = load_segmenter(model_path, described)
     device = opts.torch_device()
     model.to(device).eval()
-    record = config_record(replace(cfg, model=model_path, out=out), opts)
+    # The model is an input (path and fingerprint in `inputs`) and `out` is this file: absolute paths in
+    # the fingerprint would make a moved or copied run directory's predictions look stale.
+    record = {k: v for k, v in config_record(cfg, opts).items() if k not in ("model", "out")}
     record["crf_params"] = vars(CrfParams.deeplab()) if cfg.crf else None
     provenance = Provenance(
         kind="labels",

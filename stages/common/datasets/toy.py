@@ -1,9 +1,11 @@
 """A small synthetic dataset in the VOC layout that is hard in the ways real WSSS data is hard.
 
 - Every object is a large body plus a small "head" (about 12% of its area). Bodies share one
-  brown-grey colour and texture family across classes; only the head's colour and pattern tell the class.
-  A classifier therefore looks at heads, and its CAM under-covers the bodies, which is what erasing,
-  refinement and CRF stages exist to fix.
+  brown-grey colour across classes; the head's colour and pattern give the class away at a glance, while
+  the body carries only a faint class-specific stripe (like fur or hull texture: the same mean colour,
+  a low-contrast orientation of its own). A classifier therefore looks at heads and its CAM under-covers
+  the bodies; once heads are erased, the faint body cue is what a retrained classifier can still find,
+  which is what adversarial erasing relies on (and what refinement and the CRF must fill in otherwise).
 - Backgrounds correlate with classes: boats sit on water and planes on sky most of the time, so a CAM
   can leak onto the context texture.
 - 1-3 objects per image, later ones occluding earlier ones (each keeps at least half its area and half
@@ -42,6 +44,7 @@ _HEAD_COLOURS = {
     5: (245, 130, 30),
 }
 _BODY_COLOUR = (125, 105, 90)
+_BODY_STRIPE = 12.0  # amplitude of the faint class-specific body stripe (heads differ by ~100+ per channel)
 _HEAD_AREA_RATIO = 0.13  # head disc area / body ellipse area; ends near 12% of the object's pixels
 
 
@@ -142,7 +145,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> ToyScene:
         for earlier in objects:
             earlier.region &= ~region
             earlier.head &= ~region
-        _paint_body(rng, image, body, shading)
+        _paint_body(rng, image, body, shading, class_index)
         _paint_head(rng, image, head, class_index)
         labels[region] = class_index
         objects.append(ToyObject(class_index, region, head.copy(), int(region.sum()), int(head.sum())))
@@ -230,12 +233,18 @@ def _background(rng: np.random.Generator, texture: str, height: int, width: int)
     return base + shade[:, :, None]
 
 
-def _paint_body(rng: np.random.Generator, image: np.ndarray, body: np.ndarray, shading: np.ndarray) -> None:
-    """The shared body look: one colour family, jittered per object, mottled and shaded to the rim."""
+def _paint_body(
+    rng: np.random.Generator, image: np.ndarray, body: np.ndarray, shading: np.ndarray, class_index: int
+) -> None:
+    """The shared body look: one colour family, jittered per object, mottled and shaded to the rim, with a
+    faint zero-mean stripe whose orientation is the class's own (the weak, non-discriminative-looking cue)."""
     height, width = body.shape
     colour = np.array(_BODY_COLOUR) + rng.normal(0.0, 10.0) + rng.normal(0.0, 5.0, size=3)
     mottle = 24.0 * (_smooth_noise(rng, height, width, cell=5) - 0.5)
-    pixels = (colour + mottle[:, :, None]) * shading[:, :, None]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    angle = np.pi * (class_index - 1) / (len(TOY_CLASSES) - 1)
+    stripe = _BODY_STRIPE * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / 5.0 + rng.uniform(0, 6.3))
+    pixels = (colour + mottle[:, :, None] + stripe[:, :, None]) * shading[:, :, None]
     image[body] = pixels[body]
 
 

@@ -18,8 +18,9 @@ from stages.common.summary import Summary
 from wsss_cli.config import CONFIG_NAME, load_toml, merge_options
 
 T = TypeVar("T")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI) is not cut to 80 columns: the per-round and per-class tables are wide.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # Common options, declared once and used by every stage command.
 RunOpt = Annotated[Path | None, typer.Option("--run", help="Run directory holding the artifacts.")]

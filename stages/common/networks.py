@@ -19,7 +19,9 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from stages.common.errors import ConfigError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# resnet10 (one BasicBlock per stage, torchvision's ResNet class) is the small-image recipe's network:
+# toy-sized data trains from scratch on a CPU in seconds with it; ImageNet weights exist only for the rest.
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OUTPUT_STRIDES = (8, 16, 32)
 
 # Keys that only torchvision's segmentation models have: their weights were trained on pixel masks.
@@ -50,6 +52,10 @@ def build_resnet(arch: str = "resnet50", output_stride: int = 16) -> ResNet:
         )
     # Which of layer2, layer3, layer4 lose their stride: the last one for 16, the last two for 8.
     dilate = [False, output_stride == 8, output_stride <= 16]
+    if arch == "resnet10":
+        net = ResNet(BasicBlock, [1, 1, 1, 1])
+        _dilate_basic_stages(net, dilate)
+        return net
     builder = getattr(models, arch)
     if arch in ("resnet18", "resnet34"):
         net = builder(weights=None)

@@ -7,6 +7,8 @@ converts (grayscale, CMYK, 16-bit), a normal run.
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import struct
 import zlib
@@ -137,7 +139,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str | None]] = {
     "truncated image": (
         truncated_image,
         "show",
-        "error: {data}/JPEGImages/val_00000.jpg: cannot decode image (image file is truncated (89 bytes not "
+        "error: {data}/JPEGImages/val_00000.jpg: cannot decode image (image file is truncated ({nbytes} bytes not "
         "processed)); re-copy the file or remove its id from the split",
     ),
     "grayscale image": (grayscale_image, "show", None),
@@ -197,8 +199,9 @@ def test_bad_dataset_input(case: str, setup: tuple[Path, Path, Path], run_wsss) 
     if expected is None:
         assert done.returncode == 0, done.stderr
         return
-    line = expected.format(data=data, run=cwd / "run", artifact=artifact, h=h, w=w, w3=w + 3)
-    assert done.stderr.strip() == line
+    line = expected.format(data=data, run=cwd / "run", artifact=artifact, h=h, w=w, w3=w + 3, nbytes="NBYTES")
+    # PIL's count of unprocessed bytes depends on the image's content: any count is the same message.
+    assert re.fullmatch(re.escape(line).replace("NBYTES", r"\d+"), done.stderr.strip()), done.stderr
     assert done.returncode == 2
 
 

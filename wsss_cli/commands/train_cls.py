@@ -30,16 +30,16 @@ def register(app: typer.Typer) -> None:
 def train_cls(
     arch: Annotated[
         str | None,
-        typer.Option(help="resnet18/34/50/101. Auto: resnet50 (IRN); resnet18 for images under 200 px."),
+        typer.Option(help="resnet10/18/34/50/101. Auto: resnet50 (IRN); resnet10 for images under 200 px."),
     ] = None,
     output_stride: Annotated[int | None, typer.Option(help="16 (IRN) or 8.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Auto: 5 (IRN); 10 for images under 200 px.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Auto: 5 (IRN); 12 for images under 200 px.")] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per step over all processes (IRN: 16).")
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Backbone lr, poly decay 0.9. Auto: 0.1 with --weights (IRN), 0.01 from scratch."),
+        typer.Option(help="Backbone lr, poly decay 0.9. Auto: 0.1 (IRN)."),
     ] = None,
     head_lr_mult: Annotated[
         float | None,
@@ -54,14 +54,14 @@ def train_cls(
         int | None,
         typer.Option(
             help="Training crop. Auto: median long side rounded up to x32 (VOC 512); "
-            "small images: ~0.6x the long side."
+            "small images: the median long side rounded to x32."
         ),
     ] = None,
     resize_long: Annotated[
         tuple[int, int] | None,
         typer.Option(
             help="Random long side LOW HIGH. Auto: 0.64-1.28x the median long side (VOC 320 640); "
-            "small images: 0.75-1x the crop."
+            "small images: 0.8-1.1x the median long side."
         ),
     ] = None,
     frozen_bn: Annotated[

@@ -171,8 +171,9 @@ def _place_object(
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     short = min(height, width)
     for _ in range(10):
-        major = rng.uniform(0.2, 0.38) * short
-        minor = major * rng.uniform(0.45, 0.7)
+        # Objects cover a VOC-like share of the image (a third of its short side and more).
+        major = rng.uniform(0.28, 0.46) * short
+        minor = major * rng.uniform(0.5, 0.72)
         cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
         angle = rng.uniform(0.0, 2.0 * np.pi)
         # Coordinates along (u) and across (v) the object's major axis.

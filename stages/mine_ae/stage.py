@@ -6,7 +6,8 @@ trains a fresh classifier on the erased images with train-cls's recipe (``cls_r{
 its CAMs on them. Each round is its own resumable artifact (``cams_r{t}.h5``, see `rounds.py`); the
 kept rounds are fused into ``cams.h5`` (per-pixel max of the rounds' normalised CAMs) and turned into
 ``seeds.h5`` (METHODS.md §2). Erasing stops early when a round's classifier no longer recognises its
-erased images (micro F1 below ``stop_f1``): that round mines background, so it is left out.
+erased images (micro F1 below ``stop_f1`` x round 1's F1): that round mines background, so it is
+left out.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class MineAeConfig:
     split: str | None = None  # None = the dataset's training split (train_aug when present)
     top_fraction: float = DEFAULT_TOP_FRACTION  # AE-PSL: mine the top 20% of each class's CAM
     erase_thr: float | None = None  # a fixed cut on the normalised CAM instead of the top fraction
-    stop_f1: float = 0.5  # stop when a round's classifier F1 on its erased images falls below this
+    # Stop when a round's classifier F1 on its erased images falls below this share of round 1's F1 on the
+    # whole images: relative, so a weak (e.g. from-scratch) classifier is not stopped at round 2 by a bound
+    # its own first round would fail. AE-PSL states the criterion, not a number.
+    stop_f1: float = 0.5
     cam: str = "cam"  # cam | gradcam
     gradcam_layer: str = "layer4"
     scales: tuple[float, ...] = CAM_SCALES  # IRN
@@ -64,7 +68,7 @@ class MineAeConfig:
         if self.rounds < 1:
             raise ConfigError(f"--rounds {self.rounds}: need at least 1 (1 = plain CAM extraction)")
         if not 0.0 <= self.stop_f1 <= 1.0:
-            raise ConfigError(f"--stop-f1 {self.stop_f1}: a micro F1 bound in [0, 1], e.g. 0.5")
+            raise ConfigError(f"--stop-f1 {self.stop_f1}: a share of round 1's F1 in [0, 1], e.g. 0.5")
         if self.saliency_merge not in ("none", "components"):
             raise ConfigError(f"--saliency-merge {self.saliency_merge}: use none or components")
         if self.saliency_merge == "components" and self.saliency is None:
@@ -187,12 +191,12 @@ def _run_locked(
         )
         resumed |= was_resumed
         outcomes.append(outcome)
-        f1 = outcome.quality["f1"]
-        if t >= 2 and f1 < cfg.stop_f1:
+        f1, bound = outcome.quality["f1"], cfg.stop_f1 * outcomes[0].quality["f1"]
+        if t >= 2 and f1 < bound:
             notes.append(
                 f"stopped after round {t}: its classifier's F1 on the erased images is {f1:.2f} < --stop-f1 "
-                f"{cfg.stop_f1} (it no longer recognises them, so its CAM mines background); "
-                f"seeds use rounds 1..{t - 1}"
+                f"{cfg.stop_f1} x round 1's {outcomes[0].quality['f1']:.2f} (it no longer recognises them, "
+                f"so its CAM mines background); seeds use rounds 1..{t - 1}"
             )
             break
     if opts.shard is not None:
@@ -200,7 +204,8 @@ def _run_locked(
         status = "resumed" if resumed else "made"
         images = len(shard(ids, *opts.shard))
         return Summary(STAGE, status, [outcomes[0].path], time.time() - started, images=images, notes=[note])
-    kept = [o for o in outcomes if o.round == 1 or o.quality["f1"] >= cfg.stop_f1]
+    bound = cfg.stop_f1 * outcomes[0].quality["f1"]
+    kept = [o for o in outcomes if o.round == 1 or o.quality["f1"] >= bound]
     # The fused CAM and seeds are one cheap pass: rank 0 writes them while the others wait.
     summary = Summary(STAGE, "made")
     if is_main():

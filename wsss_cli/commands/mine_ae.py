@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 "--stop-f1",
-                help="Stop when a round's classifier F1 on its erased images falls below this (default 0.5); "
-                "that round is left out.",
+                help="Stop when a round's classifier F1 on its erased images falls below this share of round 1's "
+                "F1 (default 0.5); that round is left out.",
             ),
         ] = None,
         cam: Annotated[

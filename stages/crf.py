@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.common.artifacts import Artifact, Provenance, open_artifact
 from stages.common.context import RunOptions, config_record, default_train_split
-from stages.common.datasets import open_dataset
+from stages.common.datasets import Dataset, open_dataset
 from stages.common.densecrf import CrfParams, crf_labels, dense_crf
 from stages.common.errors import ArtifactError, ConfigError
 from stages.common.progress import track
@@ -36,16 +36,33 @@ class CrfConfig:
     scores: Path | None = None  # any scores artifact with a background channel; None = RUN/refined.h5
     out: Path | None = None  # None = RUN/pseudo.h5
     split: str | None = None  # None = the dataset's training split
-    gaussian_sxy: float = _PSA.gaussian_sxy
+    # Kernel widths are in pixels of ~500 px VOC images (PSA); None = PSA's value scaled by the dataset's
+    # median long side / 500 (capped at 1), so an 80 px bilateral kernel does not span a whole toy image.
+    gaussian_sxy: float | None = None
     gaussian_compat: float = _PSA.gaussian_compat
-    bilateral_sxy: float = _PSA.bilateral_sxy
+    bilateral_sxy: float | None = None
     bilateral_srgb: float = _PSA.bilateral_srgb
     bilateral_compat: float = _PSA.bilateral_compat
     iterations: int = _PSA.iterations
     min_conf: float | None = None  # pixels whose CRF posterior max is below this become 255
 
     def params(self) -> CrfParams:
-        return CrfParams(**{f.name: getattr(self, f.name) for f in fields(CrfParams)})
+        """The kernel parameters; fields still at None (not resolved against a dataset) are PSA's."""
+        values = {f.name: getattr(self, f.name) for f in fields(CrfParams)}
+        return CrfParams(**{k: getattr(_PSA, k) if v is None else v for k, v in values.items()})
+
+
+VOC_LONG_SIDE = 500  # the image size PSA's kernel widths were chosen for
+
+
+def scaled_kernels(cfg: CrfConfig, dataset: Dataset, ids: Sequence[str], probe: int = 32) -> dict[str, float]:
+    """PSA's spatial kernel widths scaled to the dataset's images, for the fields left at None (auto)."""
+    picks = ids[:: max(1, len(ids) // probe)][:probe]
+    scale = min(1.0, float(np.median([max(dataset.image_size(i)) for i in picks])) / VOC_LONG_SIDE)
+    return {
+        "gaussian_sxy": cfg.gaussian_sxy if cfg.gaussian_sxy is not None else max(1.0, _PSA.gaussian_sxy * scale),
+        "bilateral_sxy": cfg.bilateral_sxy if cfg.bilateral_sxy is not None else _PSA.bilateral_sxy * scale,
+    }
 
 
 def crf_image(
@@ -123,8 +140,8 @@ def run(opts: RunOptions, cfg: CrfConfig) -> Summary:
         raise ConfigError(f"--min-conf {cfg.min_conf}: must be in (0, 1]")
     dataset = opts.dataset
     split = cfg.split or default_train_split(dataset)
-    cfg = CrfConfig(**{**cfg.__dict__, "split": split})
     ids = dataset.ids(split)
+    cfg = CrfConfig(**{**cfg.__dict__, "split": split, **scaled_kernels(cfg, dataset, ids)})
     described = dataset.describe(split)
     scores_path = Path(cfg.scores or opts.path("refined.h5"))
     out = Path(cfg.out or opts.path("pseudo.h5"))

@@ -60,7 +60,9 @@ def scaled_kernels(cfg: CrfConfig, dataset: Dataset, ids: Sequence[str], probe: 
     picks = ids[:: max(1, len(ids) // probe)][:probe]
     scale = min(1.0, float(np.median([max(dataset.image_size(i)) for i in picks])) / VOC_LONG_SIDE)
     return {
-        "gaussian_sxy": cfg.gaussian_sxy if cfg.gaussian_sxy is not None else max(1.0, _PSA.gaussian_sxy * scale),
+        "gaussian_sxy": cfg.gaussian_sxy
+        if cfg.gaussian_sxy is not None
+        else max(1.0, _PSA.gaussian_sxy * scale),
         "bilateral_sxy": cfg.bilateral_sxy if cfg.bilateral_sxy is not None else _PSA.bilateral_sxy * scale,
     }
 

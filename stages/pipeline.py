@@ -174,8 +174,15 @@ def run_demo(
             continue
         result = evaluate_artifact(path, dataset)
         mious[name] = float(result["miou"])
-        rows.append({"stage": title, "mIoU": result["miou"], "precision": result.get("precision"),
-                     "recall": result.get("recall"), "images": result.get("images")})
+        rows.append(
+            {
+                "stage": title,
+                "mIoU": result["miou"],
+                "precision": result.get("precision"),
+                "recall": result.get("recall"),
+                "images": result.get("images"),
+            }
+        )
     figures: dict[str, Any] = {}
     if "pred_val.h5" in mious and mious.get("pred_val_gt.h5"):
         figures["weak/supervised"] = mious["pred_val.h5"] / mious["pred_val_gt.h5"]

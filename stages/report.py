@@ -49,9 +49,15 @@ def bar_chart(rows: list[tuple[str, float]], width: int = 640) -> str:
     scale = (width - label_w - 60) / 100.0
     for i, (name, value) in enumerate(rows):
         y = gap + i * (bar_h + gap)
-        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="13">{html.escape(name)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y}" width="{max(value, 0) * scale:.1f}" height="{bar_h}" fill="#3b7dd8"/>')
-        parts.append(f'<text x="{label_w + max(value, 0) * scale + 4:.1f}" y="{y + 15}" font-size="13">{value:.1f}</text>')
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="13">{html.escape(name)}</text>'
+        )
+        parts.append(
+            f'<rect x="{label_w}" y="{y}" width="{max(value, 0) * scale:.1f}" height="{bar_h}" fill="#3b7dd8"/>'
+        )
+        parts.append(
+            f'<text x="{label_w + max(value, 0) * scale + 4:.1f}" y="{y + 15}" font-size="13">{value:.1f}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -67,7 +73,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         return f"{value:.2f}" if isinstance(value, float) else html.escape(str(value))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -102,12 +110,19 @@ def collect(opts: RunOptions) -> dict[str, Any]:
         except ArtifactError as exc:
             provenance_rows.append({"artifact": name, "what": title, "status": str(exc)})
             continue
-        provenance_rows.append({
-            "artifact": name, "what": title, "stage": prov.stage, "kind": prov.kind,
-            "split": prov.dataset.get("split"), "complete": "yes" if complete else "no",
-            "fingerprint": prov.fingerprint, "size MB": round(path.stat().st_size / 1e6, 2),
-            "config": json.dumps(prov.config, sort_keys=True)[:160],
-        })
+        provenance_rows.append(
+            {
+                "artifact": name,
+                "what": title,
+                "stage": prov.stage,
+                "kind": prov.kind,
+                "split": prov.dataset.get("split"),
+                "complete": "yes" if complete else "no",
+                "fingerprint": prov.fingerprint,
+                "size MB": round(path.stat().st_size / 1e6, 2),
+                "config": json.dumps(prov.config, sort_keys=True)[:160],
+            }
+        )
         if prov.kind in ("scores", "labels") and complete:
             split = str(prov.dataset.get("split"))
             if dataset.has_masks(split):
@@ -117,8 +132,13 @@ def collect(opts: RunOptions) -> dict[str, Any]:
 
             with open_artifact(path) as art:
                 rounds = art.meta("rounds", []) or []
-    return {"provenance": provenance_rows, "results": results, "rounds": rounds,
-            "class_names": list(dataset.class_names), "dataset": dataset.name}
+    return {
+        "provenance": provenance_rows,
+        "results": results,
+        "rounds": rounds,
+        "class_names": list(dataset.class_names),
+        "dataset": dataset.name,
+    }
 
 
 def render_html(data: dict[str, Any], sheets: list[Path], run_dir: Path) -> str:
@@ -129,8 +149,15 @@ def render_html(data: dict[str, Any], sheets: list[Path], run_dir: Path) -> str:
         for name in data["class_names"]
     ]
     summary_rows = [
-        {"stage": r["title"], "split": r.get("split"), "mIoU": r["miou"], "precision": r.get("precision"),
-         "recall": r.get("recall"), "coverage": r.get("coverage"), "images": r.get("images")}
+        {
+            "stage": r["title"],
+            "split": r.get("split"),
+            "mIoU": r["miou"],
+            "precision": r.get("precision"),
+            "recall": r.get("recall"),
+            "coverage": r.get("coverage"),
+            "images": r.get("images"),
+        }
         for r in results
     ]
     parts = [
@@ -139,13 +166,17 @@ def render_html(data: dict[str, Any], sheets: list[Path], run_dir: Path) -> str:
         f"<h1>wsss report: {html.escape(str(run_dir))}</h1>",
         f"<p class='note'>dataset {html.escape(data['dataset'])}; mIoU in percent over pixels whose ground "
         "truth is not void. Ground truth is used here only to measure, never to choose.</p>",
-        "<h2>mIoU per stage</h2>", chart if results else "<p><em>no evaluated artifacts</em></p>",
+        "<h2>mIoU per stage</h2>",
+        chart if results else "<p><em>no evaluated artifacts</em></p>",
         table(summary_rows),
-        "<h2>Per-class IoU</h2>", table(per_class),
-        "<h2>Adversarial erasing rounds</h2>", table(data["rounds"]),
+        "<h2>Per-class IoU</h2>",
+        table(per_class),
+        "<h2>Adversarial erasing rounds</h2>",
+        table(data["rounds"]),
         "<h2>Sample sheets</h2>",
         *(f"<h3>{html.escape(s.stem)}</h3>{embedded_png(s)}" for s in sheets),
-        "<h2>Provenance</h2>", table(data["provenance"]),
+        "<h2>Provenance</h2>",
+        table(data["provenance"]),
         "</body></html>",
     ]
     return "\n".join(parts)

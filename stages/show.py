@@ -55,8 +55,11 @@ def heat_map(image: np.ndarray, cam: np.ndarray, weight: float = 0.5) -> np.ndar
     """Blend a [0, 1] map (H, W) over the image with a blue -> green -> red ramp."""
     cam = np.clip(cam, 0.0, 1.0)
     ramp = np.stack(
-        [np.clip(1.5 - np.abs(4 * cam - 3), 0, 1), np.clip(1.5 - np.abs(4 * cam - 2), 0, 1),
-         np.clip(1.5 - np.abs(4 * cam - 1), 0, 1)],
+        [
+            np.clip(1.5 - np.abs(4 * cam - 3), 0, 1),
+            np.clip(1.5 - np.abs(4 * cam - 2), 0, 1),
+            np.clip(1.5 - np.abs(4 * cam - 1), 0, 1),
+        ],
         axis=-1,
     )
     return (image * (1 - weight) + ramp * 255 * weight).astype(np.uint8)
@@ -167,5 +170,9 @@ def run(opts: RunOptions, cfg: ShowConfig) -> Summary:
     finally:
         for art in opened:
             art.close()
-    return Summary("show", artifacts=written, images=cfg.images * len(written),
-                   notes=[f"{len(by_split)} split(s): " + ", ".join(by_split)])
+    return Summary(
+        "show",
+        artifacts=written,
+        images=cfg.images * len(written),
+        notes=[f"{len(by_split)} split(s): " + ", ".join(by_split)],
+    )

@@ -127,7 +127,9 @@ def render_table(title: str, rows: list[dict[str, Any]]) -> Table:
         columns.extend(k for k in row if k not in columns)
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
-        table.add_column(column, justify="left" if column in {"class", "stage", "artifact", "name"} else "right")
+        table.add_column(
+            column, justify="left" if column in {"class", "stage", "artifact", "name"} else "right"
+        )
     for row in rows:
         table.add_row(*(_format(row.get(c, "")) for c in columns))
     return table

@@ -40,7 +40,9 @@ def global_options(
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
     data: DataOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+    ] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Options given before the command apply to it unless the command's own flags say otherwise."""
@@ -52,7 +54,9 @@ def global_options(
 
 @app.command("init")
 def init(
-    data: Annotated[str, typer.Option("--data", help="Dataset spec: voc:PATH, coco:PATH, folder:PATH or toy.")],
+    data: Annotated[
+        str, typer.Option("--data", help="Dataset spec: voc:PATH, coco:PATH, folder:PATH or toy.")
+    ],
     run: RunOpt = None,
     force: Annotated[bool, typer.Option("--force", help=f"Overwrite an existing {CONFIG_NAME}.")] = False,
 ) -> None:
@@ -69,11 +73,15 @@ def init(
         rows = []
         for split in dataset.split_names():
             ids = dataset.ids(split)
-            rows.append({"split": split, "images": len(ids), "masks": "yes" if dataset.has_masks(split) else "no"})
+            rows.append(
+                {"split": split, "images": len(ids), "masks": "yes" if dataset.has_masks(split) else "no"}
+            )
         config_path.write_text(
             dump_toml({"data": {"spec": data}, "run": {"dir": str(run_dir), "device": "auto", "seed": 0}})
         )
-        console.print(f"[bold]{dataset.name}[/bold] at {dataset.root}: {len(dataset.class_names) - 1} classes")
+        console.print(
+            f"[bold]{dataset.name}[/bold] at {dataset.root}: {len(dataset.class_names) - 1} classes"
+        )
         console.print("  " + ", ".join(dataset.class_names[1:]), highlight=False)
         console.print(common.render_table("splits", rows))
         console.print(f"wrote {config_path} (run directory {run_dir})")
@@ -96,7 +104,9 @@ def make_toy(
         from stages.common.datasets.toy import make_toy as generate
 
         root = generate(out, seed=seed, n_train=train, n_val=val, min_size=min_size, max_size=max_size)
-        console.print(f"wrote {train} train + {val} val toy images to {root} (read it with --data voc:{root})")
+        console.print(
+            f"wrote {train} train + {val} val toy images to {root} (read it with --data voc:{root})"
+        )
 
     execute(work)
 

@@ -268,7 +268,9 @@ class Artifact:
     def _record(self, image_id: str, name: str) -> h5py.Dataset:
         dset = self._group(image_id).get(name)
         if dset is None:
-            raise ArtifactError(f"{self.path}: image {image_id!r} has no {name}; this is a {self.kind} artifact")
+            raise ArtifactError(
+                f"{self.path}: image {image_id!r} has no {name}; this is a {self.kind} artifact"
+            )
         return dset
 
     def scores(self, image_id: str) -> tuple[np.ndarray, tuple[int, ...], int]:
@@ -532,7 +534,9 @@ class ArtifactWriter:
                 raise ValueError("scores need their classes and stride")
             scores = np.asarray(scores)
             if scores.ndim != 3 or scores.shape[0] != len(classes):
-                raise ValueError(f"scores of {image_id} have shape {scores.shape} for classes {list(classes)}")
+                raise ValueError(
+                    f"scores of {image_id} have shape {scores.shape} for classes {list(classes)}"
+                )
             if not np.all(np.isfinite(scores)):
                 raise ArtifactError(
                     f"{self.partial}: the scores computed for image {image_id!r} hold NaN or Inf; "
@@ -716,8 +720,12 @@ def begin(path: Path, provenance: Provenance, *, force: bool = False) -> WriteSt
             writer = ArtifactWriter(path, provenance, h5, resumed=0)
             _drop_unfinished(h5)
             writer.resumed = len(writer.done_ids())
-            return WriteStatus(writer, up_to_date=False, resumed=writer.resumed,
-                               note=f"resuming {partial.name}: {writer.resumed} images already done")
+            return WriteStatus(
+                writer,
+                up_to_date=False,
+                resumed=writer.resumed,
+                note=f"resuming {partial.name}: {writer.resumed} images already done",
+            )
         if found is not None and not force:
             raise StaleArtifact(
                 f"{partial}: an interrupted run with other settings "
@@ -904,7 +912,9 @@ def model_status(path: Path, provenance: Provenance, *, force: bool = False) -> 
         return False
     found = _existing_fingerprint(path)
     if found is None:
-        raise ArtifactError(f"{path}: exists but is not a readable wsss artifact; delete it or rerun with --force")
+        raise ArtifactError(
+            f"{path}: exists but is not a readable wsss artifact; delete it or rerun with --force"
+        )
     old, complete = found
     if old.fingerprint != provenance.fingerprint:
         raise StaleArtifact(

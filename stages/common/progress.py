@@ -19,7 +19,9 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def track(iterable: Iterable[T], *, total: int | None = None, description: str = "", quiet: bool = False) -> Iterator[T]:
+def track(
+    iterable: Iterable[T], *, total: int | None = None, description: str = "", quiet: bool = False
+) -> Iterator[T]:
     """Yield from ``iterable`` with a progress bar (rate and ETA) on stderr when it is a terminal."""
     if quiet or not sys.stderr.isatty():
         yield from iterable

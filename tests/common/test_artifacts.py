@@ -28,8 +28,14 @@ from stages.common.artifacts import (
 from stages.common.errors import ArtifactError, WsssError
 from stages.common.lock import RunLock
 
-DATASET = {"name": "toy", "root": "/x", "split": "train", "class_names": ["background", "a", "b"],
-           "num_images": 3, "fingerprint": "d1"}
+DATASET = {
+    "name": "toy",
+    "root": "/x",
+    "split": "train",
+    "class_names": ["background", "a", "b"],
+    "num_images": 3,
+    "fingerprint": "d1",
+}
 
 
 def provenance(**config: object) -> Provenance:
@@ -47,8 +53,13 @@ def write_all(path: Path, prov: Provenance, ids: list[str]) -> None:
     with status.writer as writer:
         for i, image_id in enumerate(ids):
             if not writer.done(image_id):
-                writer.write_image(image_id, scores=fake_scores(i), classes=(1, 2), stride=4,
-                                   labels=np.full((20, 28), i, np.uint8))
+                writer.write_image(
+                    image_id,
+                    scores=fake_scores(i),
+                    classes=(1, 2),
+                    stride=4,
+                    labels=np.full((20, 28), i, np.uint8),
+                )
         writer.finish()
 
 
@@ -81,7 +92,9 @@ def test_up_to_date_is_skipped_and_force_recomputes(tmp_path: Path) -> None:
 def test_other_fingerprint_is_refused_naming_the_difference(tmp_path: Path) -> None:
     path = tmp_path / "cams.h5"
     write_all(path, provenance(), ["a"])
-    with pytest.raises(ArtifactError, match=r"cams.h5: made with other settings \(--lr 0.1 -> 0.5\).*--force"):
+    with pytest.raises(
+        ArtifactError, match=r"cams.h5: made with other settings \(--lr 0.1 -> 0.5\).*--force"
+    ):
         begin(path, provenance(lr=0.5))
 
 
@@ -217,14 +230,21 @@ def test_model_checkpoint_and_final(tmp_path: Path) -> None:
     net(torch.ones(1, 3)).sum().backward()
     opt.step()
     assert load_checkpoint(path, model_provenance()) is None
-    save_checkpoint(path, model_provenance(), net.state_dict(), {"name": "linear"},
-                    {"epoch": 1, "step": 7, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
+    save_checkpoint(
+        path,
+        model_provenance(),
+        net.state_dict(),
+        {"name": "linear"},
+        {"epoch": 1, "step": 7, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()},
+    )
     ckpt = load_checkpoint(path, model_provenance())
     assert ckpt.train_state["epoch"] == 1 and ckpt.train_state["step"] == 7
     assert torch.equal(ckpt.train_state["rng"], torch.get_rng_state())
     opt2 = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(ckpt.train_state["optimizer"])
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
     with pytest.raises(ArtifactError, match="interrupted training with other settings"):
         load_checkpoint(path, model_provenance(epochs=3))
     with pytest.raises(ArtifactError, match=r"not finished \(only cls.h5.partial exists\)"):

@@ -8,7 +8,6 @@ converts (grayscale, CMYK, 16-bit), a normal run.
 from __future__ import annotations
 
 import re
-
 import shutil
 import struct
 import zlib

@@ -45,8 +45,16 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.mark.slow
@@ -58,22 +66,44 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, toy_root: Path) -> 
     page = run(opts, ReportConfig(images=2)).artifacts[0]
     # A copy with a probe that records, once loaded, whether every image decoded.
     probe = page.with_name("probe.html")
-    probe.write_text(page.read_text().replace(
-        "</body>",
-        "<script>window.addEventListener('load', () => { const ok = [...document.images].every("
-        "i => i.complete && i.naturalWidth > 0); document.body.setAttribute('data-images', "
-        "document.images.length + (ok ? ':ok' : ':broken')); });</script></body>",
-    ))
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const ok = [...document.images].every("
+            "i => i.complete && i.naturalWidth > 0); document.body.setAttribute('data-images', "
+            "document.images.length + (ok ? ':ok' : ':broken')); });</script></body>",
+        )
+    )
     profile = tmp_path / "profile"
     dom = subprocess.run(
-        [chromium, *CHROME_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-         "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            chromium,
+            *CHROME_FLAGS,
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     match = re.search(r'data-images="(\d+):(\w+)"', dom)
     assert match is not None, "the page did not finish loading"
     assert int(match.group(1)) >= 1 and match.group(2) == "ok"
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1100,1400",
-                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            chromium,
+            *CHROME_FLAGS,
+            f"--user-data-dir={profile}",
+            "--window-size=1100,1400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.stat().st_size > 10_000

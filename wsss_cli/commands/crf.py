@@ -44,13 +44,21 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--split", help="Split (default: the training split).")
         ] = None,
         gaussian_sxy: Annotated[
-            float | None, typer.Option("--gaussian-sxy", help="Smoothness kernel width (PSA: 3 px on ~500 px images; auto: scaled to the median long side).")
+            float | None,
+            typer.Option(
+                "--gaussian-sxy",
+                help="Smoothness kernel width (PSA: 3 px on ~500 px images; auto: scaled to the median long side).",
+            ),
         ] = None,
         gaussian_compat: Annotated[
             float | None, typer.Option("--gaussian-compat", help="Its weight (3).")
         ] = None,
         bilateral_sxy: Annotated[
-            float | None, typer.Option("--bilateral-sxy", help="Appearance kernel width (PSA: 80 px on ~500 px images; auto: scaled to the median long side).")
+            float | None,
+            typer.Option(
+                "--bilateral-sxy",
+                help="Appearance kernel width (PSA: 80 px on ~500 px images; auto: scaled to the median long side).",
+            ),
         ] = None,
         bilateral_srgb: Annotated[
             float | None, typer.Option("--bilateral-srgb", help="Its colour width (13).")

@@ -117,7 +117,14 @@ def register(app: typer.Typer) -> None:
         from stages.mine_ae.stage import run as run_mine_ae
 
         opts = run_options(
-            run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet, amp=amp,
+            run=run,
+            data=data,
+            device=device,
+            workers=workers,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+            amp=amp,
             shard=shard,
         )
         flags = {

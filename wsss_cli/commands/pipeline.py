@@ -43,13 +43,17 @@ def register(app: typer.Typer) -> None:
         Complete, up-to-date artifacts are skipped, partial ones resumed; a stage whose options or inputs
         changed is recomputed with everything after it, and the reason is printed first.
         """
-        opts = run_options(run=run, data=data, device=device, workers=workers, seed=seed, force=force,
-                           quiet=quiet)
+        opts = run_options(
+            run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet
+        )
 
         def work() -> None:
             configs = {s.name: stage_config(s.config, s.name, {}) for s in pipeline.pipeline_stages()}
             pipeline.run_pipeline(
-                opts, configs, start=start, stop=stop,
+                opts,
+                configs,
+                start=start,
+                stop=stop,
                 on_summary=lambda summary: render(summary, opts.quiet),
                 on_note=lambda note: console.print(f"[yellow]{note}[/yellow]", highlight=False),
             )
@@ -58,10 +62,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo_command(
-        train: Annotated[int | None, typer.Option("--train", help="Toy training images (default 200).")] = None,
+        train: Annotated[
+            int | None, typer.Option("--train", help="Toy training images (default 200).")
+        ] = None,
         val: Annotated[int | None, typer.Option("--val", help="Toy validation images (default 60).")] = None,
-        rounds: Annotated[int | None, typer.Option("--rounds", help="Adversarial erasing rounds (3).")] = None,
-        refine: Annotated[str | None, typer.Option("--refine", help="Refinement: rs, pamr, scg or rw.")] = None,
+        rounds: Annotated[
+            int | None, typer.Option("--rounds", help="Adversarial erasing rounds (3).")
+        ] = None,
+        refine: Annotated[
+            str | None, typer.Option("--refine", help="Refinement: rs, pamr, scg or rw.")
+        ] = None,
         supervised: Annotated[
             bool | None, typer.Option("--supervised/--no-supervised", help="Also train the supervised bound.")
         ] = None,
@@ -74,21 +84,42 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Make the toy dataset and run the whole pipeline on it (CPU, a few minutes), ending with one table."""
-        opts = run_options(run=run or Path("runs/demo"), data="toy", device=device, workers=workers,
-                           seed=seed, force=force, quiet=quiet)
-        cfg = stage_config(pipeline.DemoConfig, "demo", {"train": train, "val": val, "rounds": rounds,
-                                                         "refine": refine, "supervised": supervised,
-                                                         "quick": quick or None})
-        summary = execute(lambda: pipeline.run_demo(
-            opts, cfg,
-            on_summary=lambda s: render(s, opts.quiet),
-            on_note=lambda note: console.print(f"[yellow]{note}[/yellow]", highlight=False),
-        ))
+        opts = run_options(
+            run=run or Path("runs/demo"),
+            data="toy",
+            device=device,
+            workers=workers,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+        )
+        cfg = stage_config(
+            pipeline.DemoConfig,
+            "demo",
+            {
+                "train": train,
+                "val": val,
+                "rounds": rounds,
+                "refine": refine,
+                "supervised": supervised,
+                "quick": quick or None,
+            },
+        )
+        summary = execute(
+            lambda: pipeline.run_demo(
+                opts,
+                cfg,
+                on_summary=lambda s: render(s, opts.quiet),
+                on_note=lambda note: console.print(f"[yellow]{note}[/yellow]", highlight=False),
+            )
+        )
         render(summary, quiet=False)
 
     @app.command("report")
     def report_command(
-        out: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")] = None,
+        out: Annotated[
+            Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")
+        ] = None,
         images: Annotated[int | None, typer.Option("--images", help="Images per sample sheet (4).")] = None,
         run: RunOpt = None,
         data: DataOpt = None,

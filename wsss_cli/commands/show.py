@@ -15,17 +15,23 @@ def register(app: typer.Typer) -> None:
     @app.command("show")
     def show_command(
         artifacts: Annotated[
-            list[Path] | None, typer.Argument(help="Artifacts to show (default: all the pipeline's in --run).")
+            list[Path] | None,
+            typer.Argument(help="Artifacts to show (default: all the pipeline's in --run)."),
         ] = None,
         images: Annotated[int | None, typer.Option("--images", help="Images per sheet (default 6).")] = None,
-        out: Annotated[Path | None, typer.Option("--out", help="Folder for the sheets (default RUN/show).")] = None,
+        out: Annotated[
+            Path | None, typer.Option("--out", help="Folder for the sheets (default RUN/show).")
+        ] = None,
         run: RunOpt = None,
         data: DataOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Write PNG sheets: image | ground truth | CAM | seeds | refined | pseudo | prediction."""
         opts = run_options(run=run, data=data, quiet=quiet)
-        cfg = stage_config(show.ShowConfig, "show", {"artifacts": tuple(artifacts or ()) or None,
-                                                     "images": images, "out": out})
+        cfg = stage_config(
+            show.ShowConfig,
+            "show",
+            {"artifacts": tuple(artifacts or ()) or None, "images": images, "out": out},
+        )
         summary = execute(lambda: show.run(opts, cfg))
         render(summary, opts.quiet)

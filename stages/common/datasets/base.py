@@ -20,6 +20,7 @@ from stages.common.errors import DatasetError
 VOID = 255
 """Mask value for pixels no one should be scored on (object boundaries, crowds, unsure regions)."""
 
+
 def _too_large(path: Path, exc: Exception) -> DatasetError:
     """PIL refuses images past ``Image.MAX_IMAGE_PIXELS`` x 2 (decompression-bomb guard)."""
     return DatasetError(

@@ -244,7 +244,9 @@ def _paint_body(
     mottle = 24.0 * (_smooth_noise(rng, height, width, cell=5) - 0.5)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     angle = np.pi * (class_index - 1) / (len(TOY_CLASSES) - 1)
-    stripe = _BODY_STRIPE * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / 5.0 + rng.uniform(0, 6.3))
+    stripe = _BODY_STRIPE * np.sin(
+        2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / 5.0 + rng.uniform(0, 6.3)
+    )
     pixels = (colour + mottle[:, :, None] + stripe[:, :, None]) * shading[:, :, None]
     image[body] = pixels[body]
 

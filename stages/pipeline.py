@@ -116,11 +116,11 @@ def demo_configs(cfg: DemoConfig) -> dict[str, Any]:
             "refine": refine.RefineConfig(method=cfg.refine),
         }
     return {
-        "train-cls": train_cls.TrainClsConfig(epochs=1),
+        "train-cls": train_cls.TrainClsConfig(epochs=1, batch_size=4),
         "mine-ae": mine_ae.MineAeConfig(rounds=cfg.rounds, scales=(1.0,), stop_f1=0.0),
         "refine": refine.RefineConfig(method=cfg.refine, aff_epochs=1),
         "crf": crf.CrfConfig(),
-        "train-seg": train_seg.TrainSegConfig(epochs=1),
+        "train-seg": train_seg.TrainSegConfig(epochs=1, batch_size=4),
         "eval": evaluate.EvalConfig(),
     }
 

@@ -83,6 +83,15 @@ def train_cls(
             "--puzzle/--no-puzzle", help="Puzzle-CAM loss (2x2 tiles, alpha 0->4 over the first half)."
         ),
     ] = None,
+    puzzle_alpha: Annotated[
+        float | None, typer.Option(help="Puzzle-CAM's final reconstruction weight (paper: 4).")
+    ] = None,
+    fusion_weight: Annotated[
+        float | None, typer.Option(help="--complementary: weight of the attention fusion loss (1).")
+    ] = None,
+    dropout_grid: Annotated[
+        int | None, typer.Option(help="--complementary: grid x grid regional dropout cells (4).")
+    ] = None,
     hide_and_seek: Annotated[
         bool | None,
         typer.Option(
@@ -136,6 +145,9 @@ def train_cls(
             frozen_bn=frozen_bn,
             weights=weights,
             puzzle=puzzle,
+            puzzle_alpha=puzzle_alpha,
+            fusion_weight=fusion_weight,
+            dropout_grid=dropout_grid,
             hide_and_seek=hide_and_seek,
             complementary=complementary,
             split=split,

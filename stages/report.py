@@ -27,9 +27,9 @@ PIPELINE_ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("refined.h5", "refined"),
     ("pseudo.h5", "pseudo labels"),
     ("seg.h5", "segmenter"),
-    ("pred_val.h5", "segmenter (val)"),
+    ("pred_val.h5", "segmenter"),
     ("seg_gt.h5", "supervised bound net"),
-    ("pred_val_gt.h5", "supervised bound (val)"),
+    ("pred_val_gt.h5", "supervised bound"),
 )
 
 
@@ -95,6 +95,29 @@ code { background: #f4f4f4; padding: 1px 4px; }
 """
 
 
+ROUND_COLUMNS = (
+    "round",
+    "classifier",
+    "loss",
+    "F1",
+    "mined %",
+    "erased %",
+    "seed precision",
+    "seed recall",
+    "seed mIoU",
+    "coverage %",
+    "train s",
+    "CAM s",
+    "kept",
+)
+
+
+def _round_first(row: dict[str, Any]) -> dict[str, Any]:
+    """A round's record in reading order (stored JSON sorts its keys)."""
+    ordered = {k: row[k] for k in ROUND_COLUMNS if k in row}
+    return {**ordered, **{k: v for k, v in row.items() if k not in ordered}}
+
+
 def collect(opts: RunOptions) -> dict[str, Any]:
     """Everything the report shows, as plain data (also what tests check)."""
     from stages.evaluate import evaluate_artifact
@@ -131,7 +154,7 @@ def collect(opts: RunOptions) -> dict[str, Any]:
             from stages.common.artifacts import open_artifact
 
             with open_artifact(path) as art:
-                rounds = art.meta("rounds", []) or []
+                rounds = [_round_first(row) for row in art.meta("rounds", []) or []]
     return {
         "provenance": provenance_rows,
         "results": results,

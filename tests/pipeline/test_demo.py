@@ -29,35 +29,102 @@ def test_demo_runs_everything_and_reports(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     done = subprocess.run(
-        [sys.executable, "-m", "wsss_cli", "demo", "--quick", "--train", "10", "--val", "4", "--rounds", "2",
-         "--run", str(run_dir)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "wsss_cli",
+            "demo",
+            "--quick",
+            "--train",
+            "10",
+            "--val",
+            "4",
+            "--rounds",
+            "2",
+            "--run",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     # The one table: every stage's mIoU, the supervised bound, the ratio, and time per stage.
-    for row in ("CAM (train)", "AE seeds (train)", "refined (train)", "pseudo labels (train)",
-                "segmenter (val)", "supervised bound (val)", "weak/supervised", "time per stage"):
+    for row in (
+        "CAM (train)",
+        "AE seeds (train)",
+        "refined (train)",
+        "pseudo labels (train)",
+        "segmenter (val)",
+        "supervised bound (val)",
+        "weak/supervised",
+        "time per stage",
+    ):
         assert row in out, row
-    for name in ("cls.h5", "cams.h5", "seeds.h5", "refined.h5", "pseudo.h5", "seg.h5", "pred_val.h5",
-                 "seg_gt.h5", "pred_val_gt.h5", "report.html", "show/sheet_train.png", "show/sheet_val.png"):
+    for name in (
+        "cls.h5",
+        "cams.h5",
+        "seeds.h5",
+        "refined.h5",
+        "pseudo.h5",
+        "seg.h5",
+        "pred_val.h5",
+        "seg_gt.h5",
+        "pred_val_gt.h5",
+        "report.html",
+        "show/sheet_train.png",
+        "show/sheet_val.png",
+    ):
         assert (run_dir / name).exists(), name
     assert not list(run_dir.glob("*.partial"))
     html = (run_dir / "report.html").read_text()
     assert "mIoU per stage" in html and "Adversarial erasing rounds" in html and "Provenance" in html
     # A second demo finds everything up to date and recomputes nothing.
     again = subprocess.run(
-        [sys.executable, "-m", "wsss_cli", "demo", "--quick", "--train", "10", "--val", "4", "--rounds", "2",
-         "--run", str(run_dir)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "wsss_cli",
+            "demo",
+            "--quick",
+            "--train",
+            "10",
+            "--val",
+            "4",
+            "--rounds",
+            "2",
+            "--run",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("up to date") >= 5
     # eval --json over the run directory is one parseable object with the promised keys.
     evaluated = subprocess.run(
-        [sys.executable, "-m", "wsss_cli", "eval", "--json", "--run", str(run_dir), "--data",
-         f"toy:{run_dir / 'toy_data'}"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "wsss_cli",
+            "eval",
+            "--json",
+            "--run",
+            str(run_dir),
+            "--data",
+            f"toy:{run_dir / 'toy_data'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     results = json.loads(evaluated.stdout)["results"]

@@ -41,6 +41,7 @@ from stages.common.shards import stage_lock
 from stages.common.summary import Summary
 from stages.common.training import (
     CheckpointedTraining,
+    backward_and_step,
     check_finite,
     loader_generator,
     set_poly_lr,
@@ -369,14 +370,7 @@ class _Loop:
             with torch.autocast(self.device.type, enabled=self.amp):
                 loss, logits = objective(x, y, alpha, masks)
             check_finite(loss, self.out, epoch, training.step)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             training.step += 1
             losses.append(float(loss.detach()))
             probs.append(torch.sigmoid(logits.detach().float()).cpu())

@@ -71,6 +71,20 @@ def check_finite(loss: torch.Tensor, path: Path, epoch: int, step: int) -> None:
         )
 
 
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """One optimisation step: clear gradients, backpropagate and step, through the AMP scaler if any."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def loader_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffling generator of one epoch: a resumed run reshuffles exactly as the uninterrupted one."""
     generator = torch.Generator()

@@ -39,7 +39,13 @@ from stages.common.networks import load_backbone_weights
 from stages.common.progress import track
 from stages.common.shards import stage_lock
 from stages.common.summary import Summary
-from stages.common.training import CheckpointedTraining, check_finite, loader_generator, set_poly_lr
+from stages.common.training import (
+    CheckpointedTraining,
+    backward_and_step,
+    check_finite,
+    loader_generator,
+    set_poly_lr,
+)
 from stages.train_seg import losses
 from stages.train_seg.data import ArtifactLabels, LabelSource, MaskLabels, SegAugment, SegmentationSamples
 from stages.train_seg.networks import backbone_of, param_groups
@@ -274,14 +280,7 @@ def train(
             target_labels = target_labels.to(device, non_blocking=True)
             loss = step_loss(result, target_labels, targets.to(device, non_blocking=True), raw)
             check_finite(loss, path, epoch, training.step)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             training.step += 1
             total, count = total + float(loss.detach()), count + 1
         training.end_epoch({"loss": total / max(count, 1)})

@@ -24,32 +24,26 @@ def test_stage_selection() -> None:
         select(stages, "eval", "crf")
 
 
-@pytest.mark.slow
-def test_demo_runs_everything_and_reports(tmp_path: Path) -> None:
-    run_dir = tmp_path / "demo"
+TINY_DEMO = ("--quick", "--train", "10", "--val", "4", "--rounds", "2")
+
+
+def wsss(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real command line in a child process, one torch thread, wide output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wsss_cli",
-            "demo",
-            "--quick",
-            "--train",
-            "10",
-            "--val",
-            "4",
-            "--rounds",
-            "2",
-            "--run",
-            str(run_dir),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "wsss_cli", *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+@pytest.mark.slow
+def test_demo_runs_everything_and_reports(tmp_path: Path) -> None:
+    run_dir = tmp_path / "demo"
+    done = wsss(tmp_path, "demo", *TINY_DEMO, "--run", str(run_dir))
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     # The one table: every stage's mIoU, the supervised bound, the ratio, and time per stage.
@@ -83,48 +77,12 @@ def test_demo_runs_everything_and_reports(tmp_path: Path) -> None:
     html = (run_dir / "report.html").read_text()
     assert "mIoU per stage" in html and "Adversarial erasing rounds" in html and "Provenance" in html
     # A second demo finds everything up to date and recomputes nothing.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wsss_cli",
-            "demo",
-            "--quick",
-            "--train",
-            "10",
-            "--val",
-            "4",
-            "--rounds",
-            "2",
-            "--run",
-            str(run_dir),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    again = wsss(tmp_path, "demo", *TINY_DEMO, "--run", str(run_dir))
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("up to date") >= 5
     # eval --json over the run directory is one parseable object with the promised keys.
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wsss_cli",
-            "eval",
-            "--json",
-            "--run",
-            str(run_dir),
-            "--data",
-            f"toy:{run_dir / 'toy_data'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=tmp_path,
+    evaluated = wsss(
+        tmp_path, "eval", "--json", "--run", str(run_dir), "--data", f"toy:{run_dir / 'toy_data'}"
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     results = json.loads(evaluated.stdout)["results"]

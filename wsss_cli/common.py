@@ -115,6 +115,29 @@ def execute(work: Callable[[], T]) -> T:
         raise typer.Exit(code=130) from None
 
 
+def run_stage(
+    stage: Callable[[RunOptions, Any], Summary],
+    config_cls: type,
+    section: str,
+    flags: Callable[[], dict[str, Any]],
+    **options: Any,
+) -> Summary:
+    """The body of every stage command: resolve the common options and the stage's config, run it, render.
+
+    ``flags`` is called, and everything else happens, inside `execute`, so a bad ``--scales``, ``--shard``
+    or ``wsss.toml`` is one line and exit 2 like any other error of the tool. ``options`` are
+    `run_options`' keyword arguments.
+    """
+
+    def work() -> tuple[RunOptions, Summary]:
+        opts = run_options(**options)
+        return opts, stage(opts, stage_config(config_cls, section, flags()))
+
+    opts, summary = execute(work)
+    render(summary, opts.quiet)
+    return summary
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,10 +15,7 @@ from wsss_cli.common import (
     SeedOpt,
     ShardOpt,
     WorkersOpt,
-    execute,
-    render,
-    run_options,
-    stage_config,
+    run_stage,
 )
 
 HELP = """Dense CRF on refined probabilities -> pseudo labels (pseudo.h5): 0 background, classes, 255 unsure.
@@ -84,9 +81,8 @@ def register(app: typer.Typer) -> None:
         from stages.crf import CrfConfig
         from stages.crf import run as run_crf
 
-        def work():  # type: ignore[no-untyped-def]
-            opts = run_options(run, data, None, workers, seed, force, quiet, shard=shard)
-            flags = dict(
+        def flags() -> dict[str, Any]:
+            return dict(
                 scores=scores,
                 out=out,
                 split=split,
@@ -98,7 +94,17 @@ def register(app: typer.Typer) -> None:
                 iterations=iterations,
                 min_conf=min_conf,
             )
-            return opts, run_crf(opts, stage_config(CrfConfig, "crf", flags))
 
-        opts, summary = execute(work)
-        render(summary, opts.quiet)
+        run_stage(
+            run_crf,
+            CrfConfig,
+            "crf",
+            flags,
+            run=run,
+            data=data,
+            workers=workers,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+            shard=shard,
+        )

@@ -50,10 +50,10 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Score artifacts against the masks: mIoU, per-class IoU, precision/recall, FP/FN, coverage."""
-        from stages.evaluate import EvalConfig
+        from stages.common.context import RunOptions
+        from stages.evaluate import EvalConfig, EvalSummary
         from stages.evaluate import run as run_eval
 
-        opts = run_options(run=run, data=data, force=force, quiet=quiet or as_json)
         flags = {
             "artifacts": tuple(artifacts) if artifacts else None,
             "split": split,
@@ -61,7 +61,12 @@ def register(app: typer.Typer) -> None:
             "bg_threshold": bg_threshold,
             "out": out,
         }
-        summary = execute(lambda: run_eval(opts, stage_config(EvalConfig, "eval", flags)))
+
+        def work() -> tuple[RunOptions, EvalSummary]:
+            opts = run_options(run=run, data=data, force=force, quiet=quiet or as_json)
+            return opts, run_eval(opts, stage_config(EvalConfig, "eval", flags))
+
+        opts, summary = execute(work)
         if as_json:
             typer.echo(json.dumps({"results": summary.results, "skipped": summary.skipped}, default=str))
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,10 +18,7 @@ from wsss_cli.common import (
     SeedOpt,
     ShardOpt,
     WorkersOpt,
-    execute,
-    render,
-    run_options,
-    stage_config,
+    run_stage,
 )
 
 
@@ -116,7 +113,28 @@ def register(app: typer.Typer) -> None:
         from stages.mine_ae.stage import MineAeConfig
         from stages.mine_ae.stage import run as run_mine_ae
 
-        opts = run_options(
+        def flags() -> dict[str, Any]:
+            return {
+                "rounds": rounds,
+                "classifier": classifier,
+                "split": split,
+                "top_fraction": top_fraction,
+                "erase_thr": erase_thr,
+                "stop_f1": stop_f1,
+                "cam": cam,
+                "gradcam_layer": gradcam_layer,
+                "low_cam_thr": low_cam_thr,
+                "saliency": saliency,
+                "saliency_merge": saliency_merge,
+                "saliency_bg_thr": saliency_bg_thr,
+                "scales": _scales(scales),
+            }
+
+        run_stage(
+            run_mine_ae,
+            MineAeConfig,
+            "mine-ae",
+            flags,
             run=run,
             data=data,
             device=device,
@@ -127,23 +145,3 @@ def register(app: typer.Typer) -> None:
             amp=amp,
             shard=shard,
         )
-        flags = {
-            "rounds": rounds,
-            "classifier": classifier,
-            "split": split,
-            "top_fraction": top_fraction,
-            "erase_thr": erase_thr,
-            "stop_f1": stop_f1,
-            "cam": cam,
-            "gradcam_layer": gradcam_layer,
-            "low_cam_thr": low_cam_thr,
-            "saliency": saliency,
-            "saliency_merge": saliency_merge,
-            "saliency_bg_thr": saliency_bg_thr,
-        }
-        summary = execute(
-            lambda: run_mine_ae(
-                opts, stage_config(MineAeConfig, "mine-ae", {**flags, "scales": _scales(scales)})
-            )
-        )
-        render(summary, opts.quiet)

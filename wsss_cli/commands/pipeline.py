@@ -9,6 +9,7 @@ import typer
 
 from stages import pipeline
 from stages import report as report_stage
+from stages.common.summary import Summary
 from wsss_cli.common import (
     DataOpt,
     DeviceOpt,
@@ -21,6 +22,7 @@ from wsss_cli.common import (
     execute,
     render,
     run_options,
+    run_stage,
     stage_config,
 )
 
@@ -43,11 +45,11 @@ def register(app: typer.Typer) -> None:
         Complete, up-to-date artifacts are skipped, partial ones resumed; a stage whose options or inputs
         changed is recomputed with everything after it, and the reason is printed first.
         """
-        opts = run_options(
-            run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet
-        )
 
         def work() -> None:
+            opts = run_options(
+                run=run, data=data, device=device, workers=workers, seed=seed, force=force, quiet=quiet
+            )
             configs = {s.name: stage_config(s.config, s.name, {}) for s in pipeline.pipeline_stages()}
             pipeline.run_pipeline(
                 opts,
@@ -84,36 +86,27 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Make the toy dataset and run the whole pipeline on it (CPU, a few minutes), ending with one table."""
-        opts = run_options(
-            run=run or Path("runs/demo"),
-            data="toy",
-            device=device,
-            workers=workers,
-            seed=seed,
-            force=force,
-            quiet=quiet,
-        )
-        cfg = stage_config(
-            pipeline.DemoConfig,
-            "demo",
-            {
-                "train": train,
-                "val": val,
-                "rounds": rounds,
-                "refine": refine,
-                "supervised": supervised,
-                "quick": quick or None,
-            },
-        )
-        summary = execute(
-            lambda: pipeline.run_demo(
+
+        def work() -> Summary:
+            opts = run_options(
+                run=run or Path("runs/demo"),
+                data="toy",
+                device=device,
+                workers=workers,
+                seed=seed,
+                force=force,
+                quiet=quiet,
+            )
+            flags = {"train": train, "val": val, "rounds": rounds, "refine": refine, "supervised": supervised}
+            cfg = stage_config(pipeline.DemoConfig, "demo", {**flags, "quick": quick or None})
+            return pipeline.run_demo(
                 opts,
                 cfg,
                 on_summary=lambda s: render(s, opts.quiet),
                 on_note=lambda note: console.print(f"[yellow]{note}[/yellow]", highlight=False),
             )
-        )
-        render(summary, quiet=False)
+
+        render(execute(work), quiet=False)
 
     @app.command("report")
     def report_command(
@@ -126,7 +119,12 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Write report.html: per-stage mIoU chart, per-class IoU, AE rounds, provenance and sample sheets."""
-        opts = run_options(run=run, data=data, quiet=quiet)
-        cfg = stage_config(report_stage.ReportConfig, "report", {"out": out, "images": images})
-        summary = execute(lambda: report_stage.run(opts, cfg))
-        render(summary, opts.quiet)
+        run_stage(
+            report_stage.run,
+            report_stage.ReportConfig,
+            "report",
+            lambda: {"out": out, "images": images},
+            run=run,
+            data=data,
+            quiet=quiet,
+        )

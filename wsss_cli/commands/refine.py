@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,10 +16,7 @@ from wsss_cli.common import (
     SeedOpt,
     ShardOpt,
     WorkersOpt,
-    execute,
-    render,
-    run_options,
-    stage_config,
+    run_stage,
 )
 
 HELP = """Refine class activation maps into probabilities with a background channel (refined.h5).
@@ -130,10 +127,9 @@ def register(app: typer.Typer) -> None:
         from stages.refine.stage import RefineConfig
         from stages.refine.stage import run as run_refine
 
-        def work():  # type: ignore[no-untyped-def]
-            opts = run_options(run, data, device, workers, seed, force, quiet, shard=shard)
+        def flags() -> dict[str, Any]:
             dilations = _int_tuple(pamr_dilations, "--pamr-dilations")
-            flags = dict(
+            return dict(
                 method=method,
                 cams=cams,
                 classifier=classifier,
@@ -160,11 +156,21 @@ def register(app: typer.Typer) -> None:
                 aff_crop=aff_crop,
                 aff_lr=aff_lr,
             )
-            cfg = stage_config(RefineConfig, "refine", flags)
-            return opts, run_refine(opts, cfg)
 
-        opts, summary = execute(work)
-        render(summary, opts.quiet)
+        run_stage(
+            run_refine,
+            RefineConfig,
+            "refine",
+            flags,
+            run=run,
+            data=data,
+            device=device,
+            workers=workers,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+            shard=shard,
+        )
 
 
 def _int_tuple(text: str | None, flag: str) -> tuple[int, ...] | None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from stages import show
-from wsss_cli.common import DataOpt, QuietOpt, RunOpt, execute, render, run_options, stage_config
+from wsss_cli.common import DataOpt, QuietOpt, RunOpt, run_stage
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +27,12 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Write PNG sheets: image | ground truth | CAM | seeds | refined | pseudo | prediction."""
-        opts = run_options(run=run, data=data, quiet=quiet)
-        cfg = stage_config(
+        run_stage(
+            show.run,
             show.ShowConfig,
             "show",
-            {"artifacts": tuple(artifacts or ()) or None, "images": images, "out": out},
+            lambda: {"artifacts": tuple(artifacts or ()) or None, "images": images, "out": out},
+            run=run,
+            data=data,
+            quiet=quiet,
         )
-        summary = execute(lambda: show.run(opts, cfg))
-        render(summary, opts.quiet)

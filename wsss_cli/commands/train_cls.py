@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,10 +16,7 @@ from wsss_cli.common import (
     RunOpt,
     SeedOpt,
     WorkersOpt,
-    execute,
-    render,
-    run_options,
-    stage_config,
+    run_stage,
 )
 
 
@@ -128,11 +125,10 @@ def train_cls(
     training).
     """
     from stages.train_cls import TrainClsConfig
-    from stages.train_cls import run as run_stage
+    from stages.train_cls import run as run_train_cls
 
-    def work():  # type: ignore[no-untyped-def]
-        opts = run_options(run, data, device, workers, seed, force, quiet, amp)
-        flags = dict(
+    def flags() -> dict[str, Any]:
+        return dict(
             arch=arch,
             output_stride=output_stride,
             epochs=epochs,
@@ -153,8 +149,18 @@ def train_cls(
             split=split,
             val_split=val_split,
         )
-        cfg = stage_config(TrainClsConfig, "train-cls", flags)
-        return opts, run_stage(opts, cfg)
 
-    opts, summary = execute(work)
-    render(summary, opts.quiet)
+    run_stage(
+        run_train_cls,
+        TrainClsConfig,
+        "train-cls",
+        flags,
+        run=run,
+        data=data,
+        device=device,
+        workers=workers,
+        seed=seed,
+        force=force,
+        quiet=quiet,
+        amp=amp,
+    )

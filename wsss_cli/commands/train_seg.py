@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,10 +18,7 @@ from wsss_cli.common import (
     SeedOpt,
     ShardOpt,
     WorkersOpt,
-    execute,
-    render,
-    run_options,
-    stage_config,
+    run_stage,
 )
 
 _AUTO = "Default: auto from the image size (VOC recipe / toy recipe)"
@@ -139,11 +136,10 @@ def train_seg(
     A killed training resumes from its last epoch; a killed prediction from its last image.
     """
     from stages.train_seg.stage import TrainSegConfig
-    from stages.train_seg.stage import run as run_stage
+    from stages.train_seg.stage import run as run_train_seg
 
-    def work():  # type: ignore[no-untyped-def]
-        opts = run_options(run, data, device, workers, seed, force, quiet, amp)
-        flags = {
+    def flags() -> dict[str, Any]:
+        return {
             "loss": loss,
             "labels": labels,
             "split": split,
@@ -163,11 +159,21 @@ def train_seg(
             "crf": crf,
             "scales": parse_scales(scales),
         }
-        cfg = stage_config(TrainSegConfig, "train-seg", flags)
-        return opts, run_stage(opts, cfg)
 
-    opts, summary = execute(work)
-    render(summary, opts.quiet)
+    run_stage(
+        run_train_seg,
+        TrainSegConfig,
+        "train-seg",
+        flags,
+        run=run,
+        data=data,
+        device=device,
+        workers=workers,
+        seed=seed,
+        force=force,
+        quiet=quiet,
+        amp=amp,
+    )
 
 
 def predict_command(
@@ -204,9 +210,8 @@ def predict_command(
     """Predict a split with a trained segmenter (pred_<split>.h5, resumable) and score it when masks exist."""
     from stages.train_seg.predict import PredictConfig, predict
 
-    def work():  # type: ignore[no-untyped-def]
-        opts = run_options(run, data, device, None, seed, force, quiet, amp, shard)
-        flags = {
+    def flags() -> dict[str, Any]:
+        return {
             "model": model,
             "split": split,
             "out": out,
@@ -214,11 +219,21 @@ def predict_command(
             "crf": crf,
             "image_labels": image_labels,
         }
-        cfg = stage_config(PredictConfig, "predict", flags)
-        return opts, predict(opts, cfg)
 
-    opts, summary = execute(work)
-    render(summary, opts.quiet)
+    run_stage(
+        predict,
+        PredictConfig,
+        "predict",
+        flags,
+        run=run,
+        data=data,
+        device=device,
+        seed=seed,
+        force=force,
+        quiet=quiet,
+        amp=amp,
+        shard=shard,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -113,10 +113,25 @@ def _results(ids: list[str], workers: int, init_args: tuple[Any, ...]) -> Iterat
             _WORKER["scores"].close()
         return
     chunk = 4 * workers  # bounds the labels held in flight to a few per worker
-    context = multiprocessing.get_context("spawn")  # no forked torch/HDF5 state in the workers
-    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with pool_context().Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         for start in range(0, len(ids), chunk):
             yield from pool.imap(_work, ids[start : start + chunk])
+
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe, else spawn.
+
+    A spawned worker imports torch and the CLI again, about 2 s each: on toy-sized images that start-up
+    is longer than the whole CRF pass, and the pool ran slower than one process. Forked workers start at
+    once. They open their own dataset and HDF5 handles in `_init_worker` and never touch the parent's,
+    and they run torch with one thread, as DataLoader workers do. CUDA cannot survive a fork, so a parent
+    that has initialised it (or a platform without fork) spawns.
+    """
+    import torch
+
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def check_scores(scores: Artifact, ids: list[str]) -> None:

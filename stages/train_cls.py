@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.artifacts import Provenance, fingerprint_of, load_model, model_status
+from stages.common.artifacts import Provenance, fingerprint_of, load_model, model_status, open_artifact
 from stages.common.augment import regional_dropout_masks, scale_grid_sizes
 from stages.common.classifier_data import ClassificationSamples, TrainAugment
 from stages.common.cls_methods import ClassifierObjective, ComplementaryNet, build_classifier, puzzle_alpha
@@ -188,6 +188,18 @@ def build_network(cfg: TrainClsConfig, num_classes: int) -> CamNet:
     return net
 
 
+def copy_backbone(net: CamNet, source: Path, dataset_description: dict) -> None:
+    """Start ``net``'s backbone from the backbone of the classifier artifact ``source`` (its head stays new)."""
+    trained = load_classifier(source, dataset_description, "cpu")
+    theirs, ours = trained.backbone.state_dict(), net.backbone.state_dict()
+    if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
+        raise ConfigError(
+            f"{source}: its backbone ({trained.arch}) does not fit a {net.arch} classifier; "
+            "start from a classifier of the same --arch"
+        )
+    net.backbone.load_state_dict(theirs)
+
+
 def make_optimizer(net: CamNet, cfg: TrainClsConfig) -> torch.optim.SGD:
     """SGD, momentum 0.9 (really), backbone at lr and new layers at lr x head_lr_mult, weight decay 1e-4."""
     groups = net.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
@@ -211,11 +223,14 @@ def train_classifier(
     ids: list[str] | None = None,
     erase: Callable[[str, np.ndarray], np.ndarray] | None = None,
     extra_inputs: dict[str, dict] | None = None,
+    init_backbone: Path | None = None,
 ) -> Summary:
     """Train (or resume, or find up to date) a classifier on ``ids`` (default: the config's split) -> ``out``.
 
     ``erase(image_id, uint8 (H, W, 3)) -> image`` edits training images before augmentation (validation
-    images are never erased); ``extra_inputs`` are provenance refs of what the erasing depends on. The
+    images are never erased); ``extra_inputs`` are provenance refs of what the erasing depends on.
+    ``init_backbone`` is a classifier model artifact of the same architecture whose backbone (not its
+    head) starts the new network, in place of the recipe's ImageNet weights or random init. The
     caller holds the run lock. Figures: loss, train_f1 (on the training crops), val_mAP and val_f1.
     """
     started = time.perf_counter()
@@ -227,7 +242,11 @@ def train_classifier(
         raise ConfigError(
             f"only {len(train_ids)} training images for --batch-size {cfg.batch_size}; lower it"
         )
-    provenance = _provenance(opts, cfg, dataset, stage, ids, extra_inputs)
+    inputs = dict(extra_inputs or {})
+    if init_backbone is not None:
+        with open_artifact(init_backbone, kind="model", dataset=dataset.describe(cfg.split)) as art:
+            inputs["init_backbone"] = art.ref()
+    provenance = _provenance(opts, cfg, dataset, stage, ids, inputs)
     out = Path(out)
     if model_status(out, provenance, force=opts.force):
         history = load_model(out).meta.get("history", [])
@@ -242,7 +261,10 @@ def train_classifier(
     device = local_device(opts.torch_device())
     init_if_launched(device)
     opts.seed_everything()
-    net = build_network(cfg, dataset.num_classes).to(device)
+    net = build_network(cfg, dataset.num_classes)
+    if init_backbone is not None:
+        copy_backbone(net, init_backbone, dataset.describe(cfg.split))
+    net = net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg)

@@ -133,8 +133,14 @@ def round_records(
         ``{"mined", "union", "low"}`` bool arrays at full image size.
     """
     full = upsample_scores(cams, size)
+    # Pixels erased before this round hold the mean pixel, not image content: what this round's CAM says
+    # there is spill-over from their surroundings, so they are neither mined again (which would only make
+    # two classes claim them) nor counted in the top fraction.
+    visible = None if previous is None else ~previous[0].any(axis=0)
     mined = np.zeros((cams.shape[0], *size), dtype=bool)
     for k, channel in enumerate(full):
+        if visible is not None:
+            channel = np.where(visible, channel, 0.0)
         mined[k] = mined_region(channel, top_fraction=top_fraction, threshold=erase_thr)
     low = low_cam_mask([full], low_cam_thr)
     if previous is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from stages.mine_ae.extract import CamRecipe, extract_cams, prepare_model
 from stages.mine_ae.rounds import MaskEraser, RoundReader, classifier_quality, round_path, round_records
 
 STAGE = "mine-ae"
+ROUND_INITS = ("auto", "recipe", "cls")
 # Options that change only the seeds, not the rounds' CAMs or masks.
 SEED_FIELDS = ("saliency", "saliency_merge", "saliency_bg_thr")
 
@@ -55,6 +56,12 @@ class MineAeConfig:
     # whole images: relative, so a weak (e.g. from-scratch) classifier is not stopped at round 2 by a bound
     # its own first round would fail. AE-PSL states the criterion, not a number.
     stop_f1: float = 0.5
+    # Where round t >= 2's classifier starts. AE-PSL starts every round from ImageNet weights ("recipe": what
+    # train-cls started from). Without ImageNet weights that is random init, and a fresh network trained on
+    # head-erased images from scratch does not learn the weaker cues left (round 2 fitted its own training
+    # images at F1 0.5 on the toy data); "cls" starts it from cls.h5's backbone instead, the nearest thing to
+    # a pretrained network such a run has. auto = recipe with ImageNet weights, cls without.
+    round_init: str = "auto"
     cam: str = "cam"  # cam | gradcam
     gradcam_layer: str = "layer4"
     scales: tuple[float, ...] = CAM_SCALES  # IRN
@@ -69,6 +76,8 @@ class MineAeConfig:
             raise ConfigError(f"--rounds {self.rounds}: need at least 1 (1 = plain CAM extraction)")
         if not 0.0 <= self.stop_f1 <= 1.0:
             raise ConfigError(f"--stop-f1 {self.stop_f1}: a share of round 1's F1 in [0, 1], e.g. 0.5")
+        if self.round_init not in ROUND_INITS:
+            raise ConfigError(f"--round-init {self.round_init}: use {', '.join(ROUND_INITS)}")
         if self.saliency_merge not in ("none", "components"):
             raise ConfigError(f"--saliency-merge {self.saliency_merge}: use none or components")
         if self.saliency_merge == "components" and self.saliency is None:
@@ -135,6 +144,8 @@ def run(opts: RunOptions, cfg: MineAeConfig, *, backend: ClassifierBackend | Non
         raise ArtifactError(f"{first}: no classifier to mine from; run `wsss train-cls` first")
     with open_artifact(first, kind="model", dataset=described) as cls_art:
         recipe = _round_recipe(cls_art.config, cls_art.provenance.inputs)
+    if cfg.round_init == "auto":
+        cfg = replace(cfg, round_init="recipe" if recipe.get("weights") else "cls")
     # Held through the round trainings too: train_classifier expects its caller to hold the lock.
     with stage_lock(opts, STAGE):
         return _run_locked(opts, cfg, backend, first, recipe, described, ids, started)
@@ -184,6 +195,7 @@ def _run_locked(
                 ids=ids,
                 erase=MaskEraser(previous, mean_pixel),
                 extra_inputs={"mined": prev_ref},
+                init_backbone=first if cfg.round_init == "cls" else None,
             )
             train_seconds = trained.seconds
         outcome, was_resumed = _mine_round(
@@ -239,7 +251,9 @@ def _mine_round(
         with open_artifact(previous, kind="scores", dataset=described) as prev_art:
             inputs["previous"] = prev_art.ref()
     round_config = {
-        k: v for k, v in record.items() if k not in SEED_FIELDS + ("rounds", "stop_f1", "classifier")
+        k: v
+        for k, v in record.items()
+        if k not in SEED_FIELDS + ("rounds", "stop_f1", "classifier", "round_init")
     }
     provenance = Provenance(
         kind="scores", stage=STAGE, config={**round_config, "round": t}, inputs=inputs, dataset=described

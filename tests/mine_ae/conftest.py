@@ -92,8 +92,11 @@ class FakeTrainer:
         ids: list[str],
         erase: Any,
         extra_inputs: dict[str, Any],
+        init_backbone: Path | None = None,
     ) -> Summary:
-        self.calls.append({"out": out, "recipe": recipe, "ids": list(ids), "inputs": extra_inputs})
+        self.calls.append(
+            {"out": out, "recipe": recipe, "ids": list(ids), "inputs": extra_inputs, "init": init_backbone}
+        )
         provenance = Provenance("model", "mine-ae", recipe, extra_inputs, opts.dataset.describe("train"))
         if model_status(out, provenance, force=opts.force):
             return Summary("mine-ae", status="up to date", artifacts=[out])

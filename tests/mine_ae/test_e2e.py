@@ -23,6 +23,8 @@ def test_two_rounds_with_real_classifiers(toy_root: Path, tmp_path: Path) -> Non
     assert opts.path("cls_r2.h5").exists() and not opts.path("cls_r2.h5.partial").exists()
     with open_artifact(opts.path("cls_r2.h5"), kind="model") as model:
         assert model.stage == "mine-ae" and "mined" in model.provenance.inputs
+        # No ImageNet weights: round 2 started from cls.h5's backbone, and says so.
+        assert model.provenance.inputs["init_backbone"]["path"] == str(opts.path("cls.h5"))
     with open_artifact(opts.path("seeds.h5"), kind="labels") as seeds:
         image_id = seeds.ids()[0]
         labels = seeds.labels(image_id)

@@ -41,6 +41,21 @@ def test_round_records_first_round_and_union_with_previous() -> None:
     np.testing.assert_array_equal(second["low"], (cam[0] < 0.05) & (cam2[0] < 0.05 * 0.8))
 
 
+def test_pixels_erased_before_are_neither_mined_again_nor_counted_in_the_top_fraction() -> None:
+    # Round 1 erased the two left pixels; round 2's CAM still peaks there (spill-over onto the mean fill).
+    union = np.zeros((1, 1, 6), dtype=bool)
+    union[0, 0, :2] = True
+    previous = (union, np.zeros((1, 6), dtype=bool))
+    cam = np.array([[[1.0, 0.9, 0.5, 0.4, 0.3, 0.2]]], dtype=np.float32)
+    second = round_records(cam, (1, 6), previous, top_fraction=0.25, erase_thr=None, low_cam_thr=0.05)
+    # Top 25% of the 4 visible positive pixels = 1 pixel: 0.5, the best the erased image still shows.
+    np.testing.assert_array_equal(second["mined"][0, 0], [False, False, True, False, False, False])
+    np.testing.assert_array_equal(second["union"][0, 0], [True, True, True, False, False, False])
+    # A fixed threshold is subject to the same rule.
+    fixed = round_records(cam, (1, 6), previous, top_fraction=0.2, erase_thr=0.45, low_cam_thr=0.05)
+    np.testing.assert_array_equal(fixed["mined"][0, 0], [False, False, True, False, False, False])
+
+
 def test_round_records_upsample_stride_maps_to_image_size() -> None:
     cam = np.zeros((2, 3, 4), dtype=np.float32)
     cam[0, :, :2] = 1.0  # class 0 fires on the left half, class 1 nowhere

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,21 @@ def test_round_bookkeeping_union_seeds_and_fusion(toy_opts: RunOptions, fake) ->
             np.testing.assert_array_equal(cams.scores(image_id)[0].astype(np.float16), fused)
     for r in readers:
         r.close()
+
+
+def test_round_classifiers_start_from_cls_without_imagenet_weights(toy_opts: RunOptions, fake) -> None:
+    trainer, backend = fake
+    run(toy_opts, MineAeConfig(rounds=3, stop_f1=0.0, **FAST), backend=backend)
+    assert [c["init"] for c in trainer.calls] == [toy_opts.path("cls.h5")] * 2
+    trainer.calls.clear()
+    run(
+        dataclasses.replace(toy_opts, force=True),
+        MineAeConfig(rounds=2, round_init="recipe", **FAST),
+        backend=backend,
+    )
+    assert [c["init"] for c in trainer.calls] == [None]
+    with pytest.raises(ConfigError, match="--round-init"):
+        MineAeConfig(round_init="imagenet")
 
 
 def test_stops_when_the_round_classifier_no_longer_recognises(toy_opts: RunOptions, fake) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,8 +17,15 @@ from typer.testing import CliRunner
 from stages.common.artifacts import load_model, open_artifact, partial_path
 from stages.common.cls_methods import ComplementaryNet
 from stages.common.context import RunOptions
-from stages.common.errors import ArtifactError
-from stages.train_cls import TrainClsConfig, load_classifier, run
+from stages.common.errors import ArtifactError, ConfigError
+from stages.train_cls import (
+    TrainClsConfig,
+    build_network,
+    copy_backbone,
+    load_classifier,
+    resolve_config,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +72,26 @@ def test_one_epoch_writes_a_model_that_reloads(tmp_path: Path, toy_root: Path) -
         run(_opts(tmp_path, toy_root), TrainClsConfig(epochs=1, **{**TINY, "lr": 0.02}))
     replaced = run(_opts(tmp_path, toy_root, force=True), TrainClsConfig(epochs=1, **{**TINY, "lr": 0.02}))
     assert replaced.status == "made"
+
+
+def test_copy_backbone_takes_the_backbone_and_leaves_the_head(tmp_path: Path, toy_root: Path) -> None:
+    torch.set_num_threads(1)
+    opts = _opts(tmp_path, toy_root)
+    run(opts, TrainClsConfig(epochs=1, **TINY))
+    described = opts.dataset.describe("train")
+    trained = load_classifier(tmp_path / "cls.h5", described, "cpu")
+    cfg = resolve_config(TrainClsConfig(epochs=1, **TINY), opts.dataset)
+    fresh = build_network(cfg, opts.dataset.num_classes)
+    head_before = fresh.head.weight.detach().clone()
+    copy_backbone(fresh, tmp_path / "cls.h5", described)
+    for key, value in fresh.backbone.state_dict().items():
+        assert torch.equal(value, trained.backbone.state_dict()[key])
+    assert torch.equal(fresh.head.weight, head_before) and not torch.equal(
+        fresh.head.weight, trained.head.weight
+    )
+    other = build_network(dataclasses.replace(cfg, arch="resnet10"), opts.dataset.num_classes)
+    with pytest.raises(ConfigError, match="same --arch"):
+        copy_backbone(other, tmp_path / "cls.h5", described)
 
 
 def test_complementary_model_reloads_as_complementary(tmp_path: Path, toy_root: Path) -> None:

@@ -65,6 +65,14 @@ def register(app: typer.Typer) -> None:
                 "F1 (default 0.5); that round is left out.",
             ),
         ] = None,
+        round_init: Annotated[
+            str | None,
+            typer.Option(
+                "--round-init",
+                help="Start of the round classifiers: recipe (train-cls's start, AE-PSL), cls (cls.h5's "
+                "backbone) or auto (recipe with --weights, else cls).",
+            ),
+        ] = None,
         cam: Annotated[
             str | None, typer.Option("--cam", help="cam (multi-scale + flip, IRN) or gradcam.")
         ] = None,
@@ -121,6 +129,7 @@ def register(app: typer.Typer) -> None:
                 "top_fraction": top_fraction,
                 "erase_thr": erase_thr,
                 "stop_f1": stop_f1,
+                "round_init": round_init,
                 "cam": cam,
                 "gradcam_layer": gradcam_layer,
                 "low_cam_thr": low_cam_thr,

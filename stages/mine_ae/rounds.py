@@ -149,16 +149,40 @@ def round_records(
     return {"mined": mined, "union": union | mined, "low": low_before & low}
 
 
-def fuse_scores(per_round: list[np.ndarray]) -> np.ndarray:
-    """Fused CAM of the kept rounds: per-pixel max over rounds of each round's max-normalised CAM.
+def fuse_scores(per_round: list[np.ndarray], mined: list[np.ndarray] | None = None) -> np.ndarray:
+    """Fused CAM of the kept rounds: round 1's CAM, raised to each later round's CAM on what it mined.
 
-    Each round's CAM is in [0, 1) with its peak on what that round found, so the max keeps every
-    round's discoveries at full strength: R_t,c ⊂ {fused ≥ cut of round t}, the fused map covers
-    F_c = ∪_t R_t,c. float32 (K, h, w); one round gives that round's map unchanged.
+    Args:
+        per_round: each round's max-normalised CAM, float (K, h, w), round 1 first.
+        mined: each round's R_t,c as bool (K, H, W) at image size (round 1's entry is not used); None
+            fuses the whole maps.
+
+    Round t >= 2 sees an image whose best evidence is gone, and its normalised map peaks at 1 on whatever
+    is left, context included: the whole map's max over rounds labelled two thirds of the toy images'
+    background as objects (CAM mIoU 47.1 for round 1 alone, 31.8 fused). Its CAM counts where it mined,
+    so the fused map covers F_c = ∪_t R_t,c and elsewhere keeps round 1's scores. Mined masks are
+    taken to the score grid by max pooling (a cell holding a mined pixel counts). float32 (K, h, w).
     """
     if not per_round:
         raise ValueError("fuse_scores needs at least one round")
-    return np.maximum.reduce([np.asarray(r, dtype=np.float32) for r in per_round])
+    fused = np.asarray(per_round[0], dtype=np.float32).copy()
+    for t, scores in enumerate(per_round[1:], start=1):
+        scores = np.asarray(scores, dtype=np.float32)
+        if mined is not None:
+            scores = scores * _to_grid(mined[t], scores.shape[-2:])
+        fused = np.maximum(fused, scores)
+    return fused
+
+
+def _to_grid(mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """bool (K, H, W) -> float32 (K, h, w): 1 where a cell of the grid holds a True pixel."""
+    import torch
+    import torch.nn.functional as F
+
+    if mask.shape[0] == 0:
+        return np.zeros((0, *grid), dtype=np.float32)
+    pooled = F.adaptive_max_pool2d(torch.from_numpy(mask.astype(np.float32))[None], tuple(grid))[0]
+    return pooled.numpy()
 
 
 def classifier_quality(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:

@@ -106,6 +106,9 @@ def write_outputs(
         with open_artifact(outcome.path, kind="scores", dataset=described) as art:
             inputs[f"round{outcome.round}"] = art.ref()
     cams_config = {k: v for k, v in record.items() if k not in seed_fields}
+    cams_config["fusion"] = (
+        "round 1 + later rounds where mined"  # a cams.h5 of the old whole-map max is stale
+    )
     cams_path, seeds_path = opts.path("cams.h5"), opts.path("seeds.h5")
     cams_status = begin(
         cams_path, Provenance("scores", STAGE, cams_config, inputs, described), force=opts.force
@@ -170,7 +173,10 @@ def _write_images(
                 if index == last_kept:
                     final_seeds = seeds
             if cams_writer is not None and not cams_writer.done(image_id):
-                fused = fuse_scores([readers[i].scores(image_id) for i in range(len(kept))])
+                fused = fuse_scores(
+                    [readers[i].scores(image_id) for i in range(len(kept))],
+                    [readers[i].mined(image_id) for i in range(len(kept))],
+                )
                 cams_writer.write_image(image_id, scores=fused, classes=tuple(classes), stride=CAM_STRIDE)
             if seeds_writer is not None and not seeds_writer.done(image_id):
                 seeds_writer.write_image(image_id, labels=final_seeds)

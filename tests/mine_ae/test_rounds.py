@@ -67,6 +67,16 @@ def test_round_records_upsample_stride_maps_to_image_size() -> None:
     assert not (records["low"] & records["mined"][0]).any()
 
 
+def test_fuse_scores_keeps_round_1_and_later_rounds_only_where_they_mined() -> None:
+    round1 = np.array([[[0.9, 0.2, 0.1, 0.0]]], dtype=np.float32)
+    round2 = np.array([[[0.1, 1.0, 0.8, 0.6]]], dtype=np.float32)  # (K=1, h=1, w=4) at stride 2
+    mined2 = np.zeros((1, 1, 8), dtype=bool)
+    mined2[0, 0, 3] = True  # one pixel of the second grid cell
+    mined2[0, 0, 6:] = True  # the whole fourth cell
+    fused = fuse_scores([round1, round2], [np.zeros_like(mined2), mined2])
+    np.testing.assert_array_equal(fused, np.array([[[0.9, 1.0, 0.1, 0.6]]], dtype=np.float32))
+
+
 def test_fuse_scores_is_the_per_pixel_max() -> None:
     a = np.array([[[0.1, 0.9]]], dtype=np.float32)
     b = np.array([[[0.5, 0.2]]], dtype=np.float32)

@@ -20,7 +20,7 @@ from stages.mine_ae.erasing import (
     seeds_from_mined,
     seeds_with_saliency,
 )
-from stages.mine_ae.rounds import RoundReader, round_path
+from stages.mine_ae.rounds import RoundReader, fuse_scores, round_path
 from stages.mine_ae.stage import MineAeConfig, run
 
 FAST = {"scales": (1.0,)}
@@ -93,7 +93,8 @@ def test_round_bookkeeping_union_seeds_and_fusion(toy_opts: RunOptions, fake) ->
             classes = toy_opts.dataset.labels(image_id)
             expected = seeds_from_mined({c: unions[2][k] for k, c in enumerate(classes)}, lows[2])
             np.testing.assert_array_equal(seeds.labels(image_id), expected)
-            fused = np.maximum.reduce([r.scores(image_id) for r in readers]).astype(np.float16)
+            fused = fuse_scores([r.scores(image_id) for r in readers], [r.mined(image_id) for r in readers])
+            fused = fused.astype(np.float16)
             np.testing.assert_array_equal(cams.scores(image_id)[0].astype(np.float16), fused)
     for r in readers:
         r.close()

@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Adversarial erasing (AE-PSL): CAMs of cls.h5, then rounds of erase / retrain / mine.
 
-        Writes cams.h5 (per class, the max over kept rounds of each round's normalised CAM) and seeds.h5
+        Writes cams.h5 (per class, round 1's CAM raised to later rounds' CAMs where they mined) and seeds.h5
         (mined objects, 0 background, 255 unsure). Each round is resumable (cams_r{t}.h5, cls_r{t}.h5);
         the round classifiers use train-cls's resolved recipe from cls.h5, so their defaults scale with
         the dataset as train-cls's do.

@@ -44,12 +44,22 @@ PSL_TEST_THRESHOLD = 0.1
 
 # Segmenters small enough for CPU: ResNet-18 (512 channels) and a half-width ResNet-10 ("tiny", 256
 # channels, one BasicBlock per stage) for the toy data, where ResNet-18 runs ~2 s per batch of 8 crops.
-SMALL_BODIES = {"resnet18": 512, "tiny": 256}
+# ResNet-10 (one BasicBlock per stage, 512 channels) is the toy classifier's network, so a segmenter on it
+# can start from cls.h5's backbone (train-seg --init cls).
+SMALL_BODIES = {"resnet18": 512, "resnet10": 512, "tiny": 256}
 TINY_WIDTHS = (32, 64, 128, 256)
 # DeepLab-v2 (Chen et al., TPAMI 2017): ASPP-L rates for its 321×321 training crops.
 ASPP_RATES = (6, 12, 18, 24)
 DEEPLAB_CROP = 321
-ARCHS = (*segnets.ARCHS, "deeplabv2_resnet18", "largefov_resnet18", "deeplabv2_tiny", "largefov_tiny")
+ARCHS = (
+    *segnets.ARCHS,
+    "deeplabv2_resnet18",
+    "largefov_resnet18",
+    "deeplabv2_resnet10",
+    "largefov_resnet10",
+    "deeplabv2_tiny",
+    "largefov_tiny",
+)
 
 
 class _TinyResNet(nn.Module):
@@ -122,7 +132,7 @@ def build_model(arch: dict[str, Any]) -> segnets.Segmenter:
     if body_name in SMALL_BODIES:
         if stride not in segnets.OUTPUT_STRIDES:
             raise ConfigError(f"output stride {stride} is not supported; use 8 or 16")
-        resnet = build_resnet("resnet18", stride) if body_name == "resnet18" else _TinyResNet(stride)
+        resnet = _TinyResNet(stride) if body_name == "tiny" else build_resnet(body_name, stride)
         channels = SMALL_BODIES[body_name]
         if head_name == "deeplabv2":
             rates = tuple(int(r) for r in arch.get("aspp_rates", ASPP_RATES))

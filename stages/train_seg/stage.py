@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.common.artifacts import Provenance, model_status
+from stages.common.artifacts import Provenance, model_status, open_artifact
 from stages.common.context import RunOptions, config_record, default_train_split
 from stages.common.datasets.base import Dataset
 from stages.common.densecrf import CrfParams, dense_crf
@@ -33,7 +33,7 @@ from stages.common.distributed import (
     rank_and_world,
     wrap_ddp,
 )
-from stages.common.errors import ConfigError
+from stages.common.errors import ArtifactError, ConfigError
 from stages.common.metrics import ConfusionAccumulator
 from stages.common.networks import load_backbone_weights
 from stages.common.progress import track
@@ -58,6 +58,7 @@ from stages.train_seg.predict import (
 )
 
 LOSSES = ("ce", "psl", "dsrg")
+INITS = ("auto", "scratch", "cls")
 # Median long side (px) below which a dataset gets the toy recipe.
 SMALL_IMAGE_SIDE = 256
 
@@ -99,6 +100,10 @@ class TrainSegConfig:
     weight_decay: float = 5e-4  # DeepLab
     momentum: float = 0.9  # DeepLab (really momentum: the reference code's slot mix-up is not repeated)
     weights: Path | None = None  # torchvision ImageNet ResNet weights for the backbone
+    # scratch | cls (RUN/cls.h5's backbone, same ResNet) | auto: cls when no --weights and cls.h5 has the
+    # segmenter's ResNet, else scratch. With no ImageNet weights, the classifier is the only network the
+    # run has already trained on these images, as ImageNet weights start both networks in the papers.
+    init: str = "auto"
     psl_rounds: int = 1  # 2 = PSL++
     expand: bool = False  # dsrg: add SEC's expand loss
     dsrg_stride: int | None = None  # dsrg: CRF and growing at 1/stride of the crop
@@ -136,6 +141,10 @@ def resolve(cfg: TrainSegConfig, dataset: Dataset) -> TrainSegConfig:
             resolved.head_lr_mult = 1.0
         if cfg.lr is None and not toy:
             resolved.lr = 0.007
+    if cfg.init not in INITS:
+        raise ConfigError(f"--init {cfg.init}: use {', '.join(INITS)}")
+    if cfg.init == "cls" and cfg.weights is not None:
+        raise ConfigError("--init cls and --weights both start the backbone; pass one of them")
     if resolved.weights is not None and resolved.arch.split("_")[1] == "tiny":
         raise ConfigError(
             f"--weights {resolved.weights}: the tiny toy network has no ImageNet weights; "
@@ -201,6 +210,46 @@ def run(opts: RunOptions, cfg: TrainSegConfig) -> Summary:
     return summary
 
 
+def resolve_init(cfg: TrainSegConfig, opts: RunOptions) -> tuple[TrainSegConfig, Path | None]:
+    """The config with ``init`` resolved to scratch or cls, and the classifier to start from (or None)."""
+    assert cfg.arch is not None
+    path = opts.path("cls.h5")
+    body = cfg.arch.split("_")[1]
+    if cfg.init == "scratch" or (cfg.init == "auto" and cfg.weights is not None):
+        return replace(cfg, init="scratch"), None
+    if not path.exists():
+        if cfg.init == "auto":
+            return replace(cfg, init="scratch"), None
+        raise ArtifactError(
+            f"{path}: --init cls needs the classifier; run `wsss train-cls` or pass --init scratch"
+        )
+    with open_artifact(path, kind="model") as art:
+        cls_arch = art.config.get("arch")
+    if cls_arch != body:
+        if cfg.init == "auto":
+            return replace(cfg, init="scratch"), None
+        raise ConfigError(
+            f"{path}: --init cls needs a segmenter on the classifier's {cls_arch}, not {cfg.arch}; "
+            f"pass --arch deeplabv2_{cls_arch} or --init scratch"
+        )
+    return replace(cfg, init="cls"), path
+
+
+def backbone_from_classifier(model: torch.nn.Module, path: Path, described: dict[str, Any]) -> None:
+    """Copy the backbone of the classifier artifact at ``path`` into the segmenter's ResNet body."""
+    from stages.train_cls import load_classifier
+
+    classifier = load_classifier(path, described, "cpu")
+    state = {k: v for k, v in classifier.backbone.state_dict().items() if not k.startswith("fc.")}
+    body = backbone_of(model)
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path}: its backbone does not fit the segmenter's body ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected weights); pass --init scratch"
+        )
+
+
 def _recipe_note(cfg: TrainSegConfig) -> str:
     return (
         f"{cfg.loss} on {cfg.labels} labels: {cfg.arch} OS{cfg.output_stride}, {cfg.epochs} epochs of "
@@ -216,9 +265,13 @@ def train(
     dataset = opts.dataset
     assert cfg.split is not None and cfg.arch is not None and cfg.output_stride is not None
     described = dataset.describe(cfg.split)
+    cfg, init_from = resolve_init(cfg, opts)
     record = {k: v for k, v in config_record(cfg, opts).items() if k not in PREDICTION_FIELDS}
     record["round"] = round_index
     inputs = {"labels": labels.fingerprint_ref} if isinstance(labels, ArtifactLabels) else {}
+    if init_from is not None:
+        with open_artifact(init_from, kind="model", dataset=described) as art:
+            inputs["init"] = art.ref()
     provenance = Provenance(kind="model", stage="train-seg", config=record, inputs=inputs, dataset=described)
     summary = Summary("train-seg", artifacts=[path])
     summary.tables["training"] = []
@@ -245,6 +298,8 @@ def train(
     model = build_model(arch)
     if cfg.weights is not None:
         load_backbone_weights(backbone_of(model), cfg.weights)
+    if init_from is not None:
+        backbone_from_classifier(model, init_from, described)
     model.to(device)
     if device.type == "cuda":  # convolutions run faster in channels_last on CUDA; the same maths
         model.to(memory_format=torch.channels_last)

@@ -53,7 +53,9 @@ def test_seg_augment_moves_label_with_image() -> None:
         assert (crop[~inside] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["deeplabv2_tiny", "largefov_tiny", "deeplabv2_resnet18"])
+@pytest.mark.parametrize(
+    "name", ["deeplabv2_tiny", "largefov_tiny", "deeplabv2_resnet10", "deeplabv2_resnet18"]
+)
 @pytest.mark.parametrize("stride", [8, 16])
 def test_small_segmenters_contract(name: str, stride: int) -> None:
     arch = arch_record(name, 6, stride, psl_branch=True, frozen_bn=False, crop_size=96)
@@ -161,3 +163,50 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path, toy_root: Path)
     assert result.exit_code == 2
     assert "seg.h5: not found" in result.output and "Traceback" not in result.output
     assert CliRunner().invoke(app, ["train-seg", "--help"]).exit_code == 0
+
+
+def _save_classifier(path: Path, dataset, arch: str) -> torch.nn.Module:
+    from stages.common.artifacts import Provenance, save_model
+    from stages.common.networks import CamNet
+
+    net = CamNet(dataset.num_classes, arch=arch, output_stride=16)
+    provenance = Provenance("model", "train-cls", {"arch": arch}, {}, dataset.describe("train"))
+    save_model(path, provenance, net.state_dict(), net.arch_spec())
+    return net
+
+
+def test_init_from_the_classifier_resolves_and_copies_its_backbone(tmp_path: Path, toy_root: Path) -> None:
+    from stages.common.errors import ArtifactError
+    from stages.common.context import RunOptions
+    from stages.train_seg.stage import backbone_from_classifier, resolve_init
+
+    opts = RunOptions(run_dir=tmp_path, data=f"toy:{toy_root}", device="cpu", quiet=True)
+    dataset = opts.dataset
+    r10 = resolve(TrainSegConfig(arch="deeplabv2_resnet10"), dataset)
+    # No cls.h5: auto falls back to scratch, an explicit cls says what to run.
+    assert resolve_init(r10, opts) == (TrainSegConfig(**{**r10.__dict__, "init": "scratch"}), None)
+    with pytest.raises(ArtifactError, match="train-cls"):
+        resolve_init(resolve(TrainSegConfig(arch="deeplabv2_resnet10", init="cls"), dataset), opts)
+    classifier = _save_classifier(opts.path("cls.h5"), dataset, "resnet10")
+    resolved, source = resolve_init(r10, opts)
+    assert (resolved.init, source) == ("cls", opts.path("cls.h5"))
+    # The tiny body is not the classifier's ResNet: auto starts from scratch, cls refuses.
+    assert resolve_init(resolve(TrainSegConfig(), dataset), opts)[1] is None
+    with pytest.raises(ConfigError, match="deeplabv2_resnet10"):
+        resolve_init(resolve(TrainSegConfig(init="cls"), dataset), opts)
+    with pytest.raises(ConfigError, match="one of them"):
+        resolve(TrainSegConfig(arch="deeplabv2_resnet18", init="cls", weights=Path("x.pth")), dataset)
+
+    model = build_model(
+        arch_record("deeplabv2_resnet10", 6, 8, psl_branch=False, frozen_bn=False, crop_size=96)
+    )
+    head_before = [p.detach().clone() for p in model.head.parameters()]
+    backbone_from_classifier(model, opts.path("cls.h5"), dataset.describe("train"))
+    theirs = classifier.backbone.state_dict()
+    ours = backbone_of(model).state_dict()
+    assert {k for k in ours if not k.endswith("num_batches_tracked")} == set(theirs) - {
+        k for k in theirs if k.startswith("fc.")
+    }
+    for key, value in theirs.items():
+        assert key.startswith("fc.") or torch.equal(ours[key], value), key
+    assert all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters(), strict=True))

@@ -91,6 +91,14 @@ def train_seg(
             dir_okay=False,
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="Backbone start without --weights: cls (RUN/cls.h5's backbone, same ResNet), scratch, or "
+            "auto (cls when cls.h5 has the segmenter's ResNet, else scratch).",
+        ),
+    ] = None,
     psl_rounds: Annotated[
         int | None,
         typer.Option("--psl-rounds", help="With --loss psl: 2 = PSL++ (retrain on own predictions)."),
@@ -151,6 +159,7 @@ def train_seg(
             "head_lr_mult": head_lr_mult,
             "crop_size": crop_size,
             "weights": weights,
+            "init": init,
             "psl_rounds": psl_rounds,
             "expand": expand,
             "dsrg_stride": dsrg_stride,

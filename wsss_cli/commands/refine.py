@@ -93,7 +93,8 @@ def register(app: typer.Typer) -> None:
             float | None, typer.Option("--walk-beta", help="rw: A^beta (10 IRN, 8 PSA).")
         ] = None,
         walk_steps: Annotated[
-            int | None, typer.Option("--walk-steps", help="rw: sparse products (256).")
+            int | None,
+            typer.Option("--walk-steps", help="rw: sparse products (IRN: 256; 16 on small images)."),
         ] = None,
         conf_fg: Annotated[
             float | None, typer.Option("--conf-fg", help="rw: confident fg, CAM >= (0.30).")

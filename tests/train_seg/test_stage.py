@@ -122,7 +122,7 @@ def test_resolve_fills_the_toy_recipe(toy_root: Path) -> None:
         (TrainSegConfig(loss="bce"), "unknown loss"),
         (TrainSegConfig(loss="ce", psl_rounds=2), "needs --loss psl"),
         (TrainSegConfig(loss="psl", expand=True), "--expand"),
-        (TrainSegConfig(weights=Path("x.pth")), "tiny toy network has no ImageNet weights"),
+        (TrainSegConfig(weights=Path("x.pth")), "no ImageNet weights for deeplabv2_resnet10"),
     ],
 )
 def test_resolve_refuses_contradictions(toy_root: Path, cfg: TrainSegConfig, message: str) -> None:
@@ -191,9 +191,9 @@ def test_init_from_the_classifier_resolves_and_copies_its_backbone(tmp_path: Pat
     resolved, source = resolve_init(r10, opts)
     assert (resolved.init, source) == ("cls", opts.path("cls.h5"))
     # The tiny body is not the classifier's ResNet: auto starts from scratch, cls refuses.
-    assert resolve_init(resolve(TrainSegConfig(), dataset), opts)[1] is None
+    assert resolve_init(resolve(TrainSegConfig(arch="deeplabv2_tiny"), dataset), opts)[1] is None
     with pytest.raises(ConfigError, match="deeplabv2_resnet10"):
-        resolve_init(resolve(TrainSegConfig(init="cls"), dataset), opts)
+        resolve_init(resolve(TrainSegConfig(arch="deeplabv2_tiny", init="cls"), dataset), opts)
     with pytest.raises(ConfigError, match="one of them"):
         resolve(TrainSegConfig(arch="deeplabv2_resnet18", init="cls", weights=Path("x.pth")), dataset)
 

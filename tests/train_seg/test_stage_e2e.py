@@ -79,7 +79,7 @@ def test_ce_end_to_end_writes_model_and_scored_predictions(tmp_path: Path, toy_r
     assert summary.status == "made"
     assert [p.name for p in summary.artifacts] == ["seg.h5", "pred_val.h5"]
     model = load_model(opts.path("seg.h5"))
-    assert model.arch["name"] == "deeplabv2_tiny" and model.provenance.config["epochs"] == 1
+    assert model.arch["name"] == "deeplabv2_resnet10" and model.provenance.config["epochs"] == 1
     assert model.provenance.inputs["labels"]["path"].endswith("pseudo.h5")
     with open_artifact(opts.path("pred_val.h5"), kind="labels") as pred:
         assert len(pred) == 8

@@ -41,7 +41,7 @@ from stages.common.artifacts import (
 from stages.common.context import RunOptions, config_record
 from stages.common.datasets.base import Dataset, class_indices
 from stages.common.distributed import rank_and_world
-from stages.common.errors import ArtifactError, ConfigError
+from stages.common.errors import ArtifactError, ConfigError, StaleArtifact
 from stages.common.metrics import ConfusionAccumulator, ThresholdCurve
 from stages.common.progress import track
 from stages.common.summary import Summary
@@ -402,7 +402,14 @@ def run(opts: RunOptions, cfg: EvalConfig) -> EvalSummary:
     roles = _roles(targets)
     provenance = _provenance(opts, cfg, dataset, roles)
     with opts.lock("eval"):
-        status = begin(out, provenance, force=opts.force)
+        replaced = None
+        try:
+            status = begin(out, provenance, force=opts.force)
+        except StaleArtifact:
+            # eval.h5 is a cheap summary of artifacts that stay on disk: scoring other artifacts or with
+            # other options replaces it, where a costly stage's artifact would be refused.
+            status = begin(out, provenance, force=True)
+            replaced = f"replaced {out.name}, which held an evaluation of other artifacts or options"
         if status.writer is None:
             with open_artifact(out, kind="metrics") as done:
                 results = done.meta("results", [])
@@ -414,7 +421,10 @@ def run(opts: RunOptions, cfg: EvalConfig) -> EvalSummary:
             writer.set_meta("results", results)
             writer.finish()
     status_word = "resumed" if resumed else "made"
-    return _summary(status_word, out, results, skipped, time.perf_counter() - start)
+    summary = _summary(status_word, out, results, skipped, time.perf_counter() - start)
+    if replaced:
+        summary.notes.insert(0, replaced)
+    return summary
 
 
 def _provenance(opts: RunOptions, cfg: EvalConfig, dataset: Dataset, roles: dict[str, Path]) -> Provenance:

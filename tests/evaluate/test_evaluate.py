@@ -209,10 +209,12 @@ def test_default_scores_all_and_skips_partial_and_models(voc, tmp_path):
         assert set(art.provenance.inputs) == {"pseudo.h5", "seeds.h5"}
         cm = art.h5["results/pseudo.h5/confusion"][()]
         np.testing.assert_array_equal(cm, [[6, 1, 1], [1, 2, 0], [1, 0, 3]])
-    # eval.h5 is an artifact like any other: up to date, then refused with other settings
+    # eval.h5 is up to date for the same question; another question replaces it, and says so.
     assert ev.run(opts, ev.EvalConfig()).status == "up to date"
-    with pytest.raises(ArtifactError, match="--max-images"):
-        ev.run(opts, ev.EvalConfig(max_images=1))
+    other = ev.run(opts, ev.EvalConfig(artifacts=[run / "seeds.h5"]))
+    assert other.status == "made" and other.notes[0].startswith("replaced eval.h5")
+    with open_artifact(run / "eval.h5", kind="metrics") as art:
+        assert set(art.provenance.inputs) == {"seeds.h5"}
 
 
 def test_interrupted_eval_resumes(voc, tmp_path, monkeypatch):

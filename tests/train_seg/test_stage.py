@@ -176,8 +176,8 @@ def _save_classifier(path: Path, dataset, arch: str) -> torch.nn.Module:
 
 
 def test_init_from_the_classifier_resolves_and_copies_its_backbone(tmp_path: Path, toy_root: Path) -> None:
-    from stages.common.errors import ArtifactError
     from stages.common.context import RunOptions
+    from stages.common.errors import ArtifactError
     from stages.train_seg.stage import backbone_from_classifier, resolve_init
 
     opts = RunOptions(run_dir=tmp_path, data=f"toy:{toy_root}", device="cpu", quiet=True)

@@ -132,3 +132,19 @@ def test_crf_refuses_another_class_list_and_bad_min_conf(crf_run: RunOptions, tm
     foreign = synthetic_refined(crf_run, tmp_path / "refined.h5", described=described)
     with pytest.raises(ArtifactError, match="made for classes"):
         run(crf_run, CrfConfig(scores=foreign, out=tmp_path / "pseudo.h5"))
+
+
+def test_pool_forks_unless_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    import torch
+
+    from stages.crf import pool_context
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert pool_context().get_start_method() == "fork"
+    # A forked child cannot use the parent's CUDA context.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert pool_context().get_start_method() == "spawn"

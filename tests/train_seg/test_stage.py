@@ -11,6 +11,7 @@ import torch
 
 from stages.common.datasets import open_dataset
 from stages.common.errors import ConfigError
+from stages.train_seg.config import RECIPES, TrainSegConfig, resolve
 from stages.train_seg.data import SegAugment
 from stages.train_seg.networks import backbone_of, param_groups
 from stages.train_seg.predict import (
@@ -19,7 +20,6 @@ from stages.train_seg.predict import (
     multiscale_probs,
     restrict_to_classes,
 )
-from stages.train_seg.stage import RECIPES, TrainSegConfig, resolve
 from wsss_cli.commands.train_seg import parse_scales
 
 
@@ -178,7 +178,8 @@ def _save_classifier(path: Path, dataset, arch: str) -> torch.nn.Module:
 def test_init_from_the_classifier_resolves_and_copies_its_backbone(tmp_path: Path, toy_root: Path) -> None:
     from stages.common.context import RunOptions
     from stages.common.errors import ArtifactError
-    from stages.train_seg.stage import backbone_from_classifier, resolve_init
+    from stages.train_seg.config import resolve_init
+    from stages.train_seg.stage import backbone_from_classifier
 
     opts = RunOptions(run_dir=tmp_path, data=f"toy:{toy_root}", device="cpu", quiet=True)
     dataset = opts.dataset

@@ -4,8 +4,8 @@ Round 1 computes the CAMs of train-cls's classifier (``cls.h5``) on the training
 erases from every image the regions mined so far (filled with the dataset mean pixel, on the fly),
 trains a fresh classifier on the erased images with train-cls's recipe (``cls_r{t}.h5``) and computes
 its CAMs on them. Each round is its own resumable artifact (``cams_r{t}.h5``, see `rounds.py`); the
-kept rounds are fused into ``cams.h5`` (round 1's CAM, raised to each later round's CAM where that round mined) and turned into
-``seeds.h5`` (METHODS.md §2). Erasing stops early when a round's classifier no longer recognises its
+kept rounds are fused into ``cams.h5`` (round 1's CAM, raised to each later round's CAM where that round
+mined) and turned into ``seeds.h5`` (METHODS.md §2). Erasing stops early when a round's classifier no longer recognises its
 erased images (micro F1 below ``stop_f1`` x round 1's F1): that round mines background, so it is
 left out.
 """

@@ -399,3 +399,24 @@ def test_coco_broken_json(tmp_path: Path) -> None:
     write_lines(path, [json.dumps(content)])
     with raises_naming(path, "category 99"):
         CocoDataset(tmp_path)
+
+
+def test_a_cached_toy_of_an_older_generator_is_remade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_make_toy = toy_module.make_toy
+    cached = real_make_toy(tmp_path / "toy_data", n_train=2, n_val=1, max_size=64)
+    assert toy_module.is_current_toy(cached) and toy_module.is_current_toy(cached, n_train=2)
+    assert not toy_module.is_current_toy(cached, n_train=200)
+    record = cached / toy_module.TOY_SETTINGS
+    settings = json.loads(record.read_text())
+    record.write_text(json.dumps({**settings, "generator": settings["generator"] - 1}))
+    assert not toy_module.is_current_toy(cached)
+    monkeypatch.setattr(
+        toy_module, "make_toy", lambda out: real_make_toy(out, n_train=3, n_val=1, max_size=64)
+    )
+    remade = open_dataset("toy", cache_dir=tmp_path)
+    assert remade.root == cached and len(remade.ids("train")) == 3 and toy_module.is_current_toy(cached)
+    assert [p.name for p in tmp_path.iterdir()] == ["toy_data"]  # nothing left aside
+    record.unlink()  # a folder written before the record existed is remade too
+    assert not toy_module.is_current_toy(cached)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,11 @@ from stages.common.datasets.base import VOID
 from stages.common.datasets.voc import VocDataset, voc_palette
 
 TOY_CLASSES: tuple[str, ...] = ("background", "boat", "plane", "car", "dog", "bird")
+
+# Bumped whenever the same seed draws other images, so a cached folder of an older generator is remade.
+# 2: body stripe amplitude 12 -> 24.
+TOY_GENERATOR = 2
+TOY_SETTINGS = "toy.json"
 
 TEXTURES = ("water", "sky", "grass", "sand", "road")
 
@@ -105,7 +111,35 @@ def make_toy(
             (out / "Annotations" / f"{image_id}.xml").write_text(_annotation_xml(image_id, scene))
         (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
     (out / "classes.txt").write_text("".join(n + "\n" for n in TOY_CLASSES))
+    settings = toy_settings(seed, n_train, n_val, min_size, max_size)
+    (out / TOY_SETTINGS).write_text(json.dumps(settings, sort_keys=True) + "\n")
     return out
+
+
+def toy_settings(
+    seed: int = 0, n_train: int = 200, n_val: int = 60, min_size: int = 64, max_size: int = 128
+) -> dict:
+    """What a toy folder was made with, the generator's version included (``TOY_SETTINGS`` in the folder)."""
+    return {
+        "generator": TOY_GENERATOR,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "min_size": min_size,
+        "max_size": max_size,
+    }
+
+
+def is_current_toy(folder: Path, **settings: int) -> bool:
+    """True when ``folder`` holds a complete toy dataset made by this generator (and with the given
+    ``make_toy`` settings, those not given being free)."""
+    record = Path(folder) / TOY_SETTINGS
+    try:
+        made = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {"generator": TOY_GENERATOR, **settings}
+    return isinstance(made, dict) and all(made.get(k) == v for k, v in wanted.items())
 
 
 def ensure_toy(cache_dir: Path) -> Path:
@@ -115,8 +149,15 @@ def ensure_toy(cache_dir: Path) -> Path:
     leaves a half dataset, and two processes racing both end up reading one complete copy.
     """
     final = Path(cache_dir) / "toy_data"
-    if final.is_dir():
+    if is_current_toy(final):
         return final
+    if final.is_dir():  # an older generator's images: moved aside, then replaced
+        stale = Path(tempfile.mkdtemp(prefix=".toy_data.old.", dir=final.parent))
+        try:
+            os.rename(final, stale / "toy_data")
+        except FileNotFoundError:  # a racing process moved it first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".toy_data.", dir=final.parent))
     try:

@@ -77,7 +77,8 @@ def stage(job: dict[str, Any]) -> Callable[[], int]:
         return lambda: refine.run(opts, refine.RefineConfig(method=name, out=out)).images
     if name == "crf":
         out = run / f"pseudo_w{opts.workers}.h5"
-        return lambda: crf.run(opts, crf.CrfConfig(scores=run / "refined_rs.h5", out=out)).images
+        scores = run / job.get("scores", "refined_rs.h5")
+        return lambda: crf.run(opts, crf.CrfConfig(scores=scores, out=out)).images
     if name == "predict":
         cfg = PredictConfig(model=run / "seg_gt.h5", split="val", scales=(1.0, 1.5))
         return lambda: _count(predict(opts, cfg).artifacts[0])

@@ -111,6 +111,7 @@ def test_resolve_fills_the_toy_recipe(toy_root: Path) -> None:
         assert getattr(cfg, name) == toy, name
     assert cfg.split == "train" and cfg.labels == "pseudo"
     assert resolve(TrainSegConfig(loss="dsrg"), dataset).labels == "seeds"
+    assert resolve(TrainSegConfig(loss="psl"), dataset).labels == "pseudo"
     # An explicit value wins over the recipe; deeplabv3 trains every layer at one rate.
     cfg = resolve(TrainSegConfig(arch="deeplabv3_resnet50", epochs=3), dataset)
     assert (cfg.epochs, cfg.head_lr_mult) == (3, 1.0)

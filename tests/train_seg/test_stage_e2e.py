@@ -99,7 +99,7 @@ def test_ce_end_to_end_writes_model_and_scored_predictions(tmp_path: Path, toy_r
 
 @pytest.mark.parametrize(
     ("loss", "labels", "extra"),
-    [("psl", "seeds", {}), ("dsrg", "seeds", {}), ("dsrg", "seeds", {"expand": True})],
+    [("psl", "pseudo", {}), ("dsrg", "seeds", {}), ("dsrg", "seeds", {"expand": True})],
 )
 def test_weak_losses_train(tmp_path: Path, toy_root: Path, loss: str, labels: str, extra: dict) -> None:
     opts = make_opts(tmp_path, toy_root)

@@ -54,7 +54,7 @@ def masks_as_seeds(opts: RunOptions) -> Path:
 def test_psl_plus_plus_retrains_on_its_own_predictions(tmp_path: Path, toy_root: Path) -> None:
     opts = make_opts(tmp_path, toy_root)
     masks_as_seeds(opts)
-    summary = run(opts, TrainSegConfig(loss="psl", psl_rounds=2, crf=False, **TINY))
+    summary = run(opts, TrainSegConfig(loss="psl", labels="seeds", psl_rounds=2, crf=False, **TINY))
     names = [p.name for p in summary.artifacts]
     assert names == ["seg_psl_r1.h5", "pred_train_r1.h5", "seg.h5", "pred_val.h5"]
     final = load_model(opts.path("seg.h5"))

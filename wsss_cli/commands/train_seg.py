@@ -47,8 +47,8 @@ def train_seg(
         typer.Option(
             "--labels",
             help="Training labels: pseudo (RUN/pseudo.h5), seeds (RUN/seeds.h5), gt (the masks: the fully "
-            "supervised bound, written to seg_gt.h5) or a labels .h5 file. Default: pseudo for ce, seeds "
-            "for psl and dsrg.",
+            "supervised bound, written to seg_gt.h5) or a labels .h5 file. Default: seeds for dsrg, "
+            "pseudo for ce and psl.",
         ),
     ] = None,
     split: Annotated[

@@ -35,7 +35,7 @@ from stages.common.distributed import (
 )
 from stages.common.errors import ConfigError
 from stages.common.metrics import multilabel_scores
-from stages.common.networks import CamNet, load_backbone_weights
+from stages.common.networks import CamNet, load_backbone_state, load_backbone_weights
 from stages.common.progress import track
 from stages.common.shards import stage_lock
 from stages.common.summary import Summary
@@ -188,16 +188,16 @@ def build_network(cfg: TrainClsConfig, num_classes: int) -> CamNet:
     return net
 
 
-def copy_backbone(net: CamNet, source: Path, dataset_description: dict) -> None:
-    """Start ``net``'s backbone from the backbone of the classifier artifact ``source`` (its head stays new)."""
+def copy_backbone(net: torch.nn.Module, source: Path, dataset_description: dict) -> None:
+    """Start ``net``'s backbone (a CamNet's, or a segmenter's ResNet body) from the backbone of the
+    classifier artifact ``source``; every other layer stays as it is."""
     trained = load_classifier(source, dataset_description, "cpu")
-    theirs, ours = trained.backbone.state_dict(), net.backbone.state_dict()
-    if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
-        raise ConfigError(
-            f"{source}: its backbone ({trained.arch}) does not fit a {net.arch} classifier; "
-            "start from a classifier of the same --arch"
-        )
-    net.backbone.load_state_dict(theirs)
+    load_backbone_state(
+        net,
+        trained.backbone.state_dict(),
+        f"{source}: the backbone of this {trained.arch} classifier",
+        "start from a classifier of the same --arch",
+    )
 
 
 def make_optimizer(net: CamNet, cfg: TrainClsConfig) -> torch.optim.SGD:

@@ -143,6 +143,21 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
             "result; use ImageNet classification weights"
         )
     # fc.* is ImageNet's classifier; FrozenBatchNorm2d has no step counter, which carries no weights.
+    load_backbone_state(
+        target,
+        state,
+        f"weights file {path}",
+        "check that --arch matches the architecture the weights were trained with",
+    )
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str, fix: str) -> None:
+    """Load a ResNet state dict into `model` (or its `.backbone`), checking every key but `fc.*`.
+
+    `fc.*` is dropped on both sides (ImageNet's classes; a segmenter's body has none). A missing,
+    unexpected or reshaped key raises a ConfigError "`source` does not fit this network: ...; `fix`".
+    """
+    target = getattr(model, "backbone", model)
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     expected = {k: v for k, v in target.state_dict().items() if not k.startswith("fc.")}
     expected_names = {k for k in expected if not k.endswith("num_batches_tracked")}
@@ -160,10 +175,7 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
             )
             if names
         ]
-        raise ConfigError(
-            f"weights file {path} does not fit this network: {', '.join(problems)}; "
-            "check that --arch matches the architecture the weights were trained with"
-        )
+        raise ConfigError(f"{source} does not fit this network: {', '.join(problems)}; {fix}")
     # strict=False only because fc.* was dropped on purpose; every other key was checked above.
     target.load_state_dict(state, strict=False)
 

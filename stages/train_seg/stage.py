@@ -32,7 +32,6 @@ from stages.common.distributed import (
     rank_and_world,
     wrap_ddp,
 )
-from stages.common.errors import ConfigError
 from stages.common.metrics import ConfusionAccumulator
 from stages.common.networks import load_backbone_weights
 from stages.common.progress import track
@@ -116,17 +115,9 @@ def run(opts: RunOptions, cfg: TrainSegConfig) -> Summary:
 
 def backbone_from_classifier(model: torch.nn.Module, path: Path, described: dict[str, Any]) -> None:
     """Copy the backbone of the classifier artifact at ``path`` into the segmenter's ResNet body."""
-    from stages.train_cls import load_classifier
+    from stages.train_cls import copy_backbone
 
-    classifier = load_classifier(path, described, "cpu")
-    state = {k: v for k, v in classifier.backbone.state_dict().items() if not k.startswith("fc.")}
-    body = backbone_of(model)
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{path}: its backbone does not fit the segmenter's body ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected weights); pass --init scratch"
-        )
+    copy_backbone(backbone_of(model), path, described)
 
 
 def _recipe_note(cfg: TrainSegConfig) -> str:

@@ -154,6 +154,7 @@ def _write_images(
             if cfg.saliency is not None:
                 saliency = read_saliency(cfg.saliency, image_id, dataset.image_size(image_id))
             final_seeds = None
+            mined = [reader.mined(image_id) for reader in readers]
             for index, reader in enumerate(readers):
                 union = reader.union(image_id)
                 need = gt is not None or index == last_kept
@@ -169,13 +170,13 @@ def _write_images(
                     if need
                     else None
                 )
-                stats[index].update(reader.mined(image_id), union, seeds, gt)
+                stats[index].update(mined[index], union, seeds, gt)
                 if index == last_kept:
                     final_seeds = seeds
             if cams_writer is not None and not cams_writer.done(image_id):
                 fused = fuse_scores(
                     [readers[i].scores(image_id) for i in range(len(kept))],
-                    [readers[i].mined(image_id) for i in range(len(kept))],
+                    mined[: len(kept)],
                 )
                 cams_writer.write_image(image_id, scores=fused, classes=tuple(classes), stride=CAM_STRIDE)
             if seeds_writer is not None and not seeds_writer.done(image_id):

@@ -10,7 +10,6 @@ inputs' fingerprints change in turn).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,19 +145,15 @@ def run_demo(
     on_note: Callable[[str], None] | None = None,
 ) -> Summary:
     """Make the toy dataset, run every stage and the supervised bound, and return one table."""
-    from stages.common.datasets import make_toy
-    from stages.common.datasets.toy import is_current_toy
+    from stages.common.datasets.toy import ensure_toy
     from stages.evaluate import evaluate_artifact
     from stages.report import ReportConfig
     from stages.report import run as write_report
     from stages.train_seg import stage as train_seg
 
     started = time.perf_counter()
-    toy_dir = opts.run_dir / "toy_data"
-    if not is_current_toy(toy_dir, seed=opts.seed, n_train=cfg.train, n_val=cfg.val):
-        # Another size or an older generator: the artifacts made from it turn stale and are remade.
-        shutil.rmtree(toy_dir, ignore_errors=True)
-        make_toy(toy_dir, seed=opts.seed, n_train=cfg.train, n_val=cfg.val)
+    # Another size or an older generator remakes the folder; the artifacts made from it turn stale.
+    toy_dir = ensure_toy(opts.run_dir, seed=opts.seed, n_train=cfg.train, n_val=cfg.val)
     opts = dataclasses.replace(opts, data=f"toy:{toy_dir}")
     configs = demo_configs(cfg)
     summaries = run_pipeline(opts, configs, stop="train-seg", on_summary=on_summary, on_note=on_note)

@@ -142,16 +142,17 @@ def is_current_toy(folder: Path, **settings: int) -> bool:
     return isinstance(made, dict) and all(made.get(k) == v for k, v in wanted.items())
 
 
-def ensure_toy(cache_dir: Path) -> Path:
-    """``cache_dir/toy_data``, generated with default settings on first use.
+def ensure_toy(cache_dir: Path, **settings: int) -> Path:
+    """``cache_dir/toy_data``, generated on first use with ``make_toy``'s ``settings`` (default: its own),
+    and again when the folder was made by an older generator or with other settings.
 
     Generation happens in a hidden sibling folder renamed into place at the end, so a killed run never
     leaves a half dataset, and two processes racing both end up reading one complete copy.
     """
     final = Path(cache_dir) / "toy_data"
-    if is_current_toy(final):
+    if is_current_toy(final, **settings):
         return final
-    if final.is_dir():  # an older generator's images: moved aside, then replaced
+    if final.is_dir():  # an older generator's images or other settings: moved aside, then replaced
         stale = Path(tempfile.mkdtemp(prefix=".toy_data.old.", dir=final.parent))
         try:
             os.rename(final, stale / "toy_data")
@@ -161,7 +162,7 @@ def ensure_toy(cache_dir: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".toy_data.", dir=final.parent))
     try:
-        make_toy(staging)
+        make_toy(staging, **settings)
         os.rename(staging, final)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
